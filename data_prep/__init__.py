@@ -1,0 +1,1 @@
+"""Dataset preparation: the built-in synthetic generator and raw Amazon data to MMRec format."""

@@ -1,0 +1,174 @@
+"""The LGMRec model in Flax (SPEC §3), exact to the authors' forward pass.
+
+One call computes the embeddings of all users and items:
+
+  C    = CGE: LightGCN mean over layers 0..n_ui_layers of A_hat (or the raw ID tables for "mf")
+  M_m  = MGE: last layer of A_hat propagation from [mean of the user's projected items; F_m W_m]
+  G    = GHE: hypergraph propagation of C's item rows through Gumbel-softmax assignments
+  out  = C + nrm(M_v) + nrm(M_t) + alpha * nrm(G_v + G_t)
+
+All randomness (four Gumbel draws, four dropout keep-masks) enters through a :class:`Noise` value,
+made by :func:`sample_noise` from a key or loaded from recorded goldens. With one modality the
+model uses that modality's MGE and GHE alone; with none it is its collaborative part (LightGCN).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lgmrec_jax.graph import Graph, propagate
+
+HYPER_KEYS = ("v_item", "v_user", "t_item", "t_user")  # the reference's order of use
+TAU = 0.2  # hard-coded in the reference, shared by the Gumbel softmax and the InfoNCE
+
+
+class Noise(NamedTuple):
+    """Gumbel draws per assignment matrix; keep-masks in training mode (None in evaluation)."""
+
+    gumbel: dict
+    keep: Optional[dict]
+
+
+class Outputs(NamedTuple):
+    user: jax.Array  # (U, d) final user embeddings
+    item: jax.Array  # (I, d) final item embeddings
+    hyper: dict  # raw GHE outputs per modality and side, e.g. "v_user"; empty without features
+
+
+def l2_normalize(x: jax.Array) -> jax.Array:
+    """Row-wise F.normalize(x, eps=1e-12), with a finite gradient at all-zero rows."""
+    return x / jnp.sqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), 1e-24))
+
+
+def gumbel_softmax(logits: jax.Array, gumbel: jax.Array, tau: float = TAU) -> jax.Array:
+    """Soft Gumbel-softmax over the hyperedge axis: softmax((logits + g) / tau)."""
+    return jax.nn.softmax((logits + gumbel) / tau, axis=1)
+
+
+def noise_shapes(n_users: int, n_items: int, hyper_num: int, modalities) -> dict:
+    shapes = {"item": (n_items, hyper_num), "user": (n_users, hyper_num)}
+    return {k: shapes[k[2:]] for k in HYPER_KEYS if k[0] in modalities}
+
+
+def sample_noise(key: jax.Array, shapes: dict, train: bool, keep_rate: float,
+                 gumbel: bool = True) -> Noise:
+    """Fresh noise for one forward pass; ``gumbel=False`` gives zero noise (deterministic)."""
+    g_keys = jax.random.split(key, 2 * len(HYPER_KEYS))
+    draws = {}
+    keep = {} if train else None
+    for i, name in enumerate(HYPER_KEYS):
+        if name not in shapes:
+            continue
+        shape = shapes[name]
+        draws[name] = jax.random.gumbel(g_keys[i], shape) if gumbel else jnp.zeros(shape, jnp.float32)
+        if train:
+            keep[name] = jax.random.bernoulli(g_keys[len(HYPER_KEYS) + i], keep_rate, shape)
+    return Noise(draws, keep)
+
+
+def hgnn(item_hyper, user_hyper, item_emb, n_layers: int):
+    """Parameter-free hypergraph propagation; returns the last iteration's (user, item) rows."""
+    z, z_user = item_emb, None
+    for _ in range(n_layers):
+        latent = item_hyper.T @ z  # (H, d) hyperedge embeddings
+        z = item_hyper @ latent
+        z_user = user_hyper @ latent
+    return z_user, z
+
+
+class LGMRec(nn.Module):
+    """LGMRec; ``feat_dims`` maps each present modality ("v", "t") to its feature width."""
+
+    n_users: int
+    n_items: int
+    feat_dims: tuple = ()  # e.g. (("v", 4096), ("t", 384))
+    embedding_size: int = 64
+    hyper_num: int = 4
+    n_ui_layers: int = 2
+    n_mm_layers: int = 2
+    n_hyper_layer: int = 1
+    keep_rate: float = 0.5
+    alpha: float = 0.3
+    cf_model: str = "lightgcn"
+    legacy_text_user_hyper: bool = False
+    kernel: str = "segment_sum"
+
+    @property
+    def modalities(self) -> tuple:
+        return tuple(m for m, _ in self.feat_dims)
+
+    def noise_shapes(self) -> dict:
+        return noise_shapes(self.n_users, self.n_items, self.hyper_num, self.modalities)
+
+    def setup(self):
+        if self.cf_model not in ("lightgcn", "mf"):
+            raise ValueError(f"cf_model is {self.cf_model!r}, expected 'lightgcn' or 'mf'")
+        if self.modalities and self.n_hyper_layer < 1:
+            raise ValueError(f"n_hyper_layer is {self.n_hyper_layer}, expected at least 1")
+        init = nn.initializers.glorot_uniform()  # = torch xavier_uniform_: U(+-sqrt(6/(rows+cols)))
+        d = self.embedding_size
+        self.user_emb = self.param("user_emb", init, (self.n_users, d))
+        self.item_emb = self.param("item_emb", init, (self.n_items, d))
+        self.proj = {m: self.param(f"{m}_proj", init, (dim, d)) for m, dim in self.feat_dims}
+        self.hyper = {m: self.param(f"{m}_hyper", init, (dim, self.hyper_num)) for m, dim in self.feat_dims}
+
+    def cge(self, graph: Graph) -> jax.Array:
+        x = jnp.concatenate([self.user_emb, self.item_emb], axis=0)
+        if self.cf_model == "mf":
+            return x
+        layers = [x]
+        for _ in range(self.n_ui_layers):
+            layers.append(propagate(graph.norm_adj, layers[-1], self.kernel))
+        return jnp.mean(jnp.stack(layers), axis=0)
+
+    def mge(self, graph: Graph, feat: jax.Array, modality: str) -> jax.Array:
+        item = feat @ self.proj[modality]
+        user = propagate(graph.interactions, item, self.kernel) * graph.user_inv_deg
+        y = jnp.concatenate([user, item], axis=0)
+        for _ in range(self.n_mm_layers):
+            y = propagate(graph.norm_adj, y, self.kernel)
+        return y
+
+    def assignments(self, graph: Graph, feats: dict, noise: Noise) -> dict:
+        """Item and user hyperedge assignment matrices per modality (SPEC §3.4 step 1)."""
+        out = {}
+        for m in self.modalities:
+            item_logits = feats[m] @ self.hyper[m]
+            user_logits = propagate(graph.interactions, item_logits, self.kernel)  # sum of raw logits
+            out[f"{m}_item"] = gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"])
+            out[f"{m}_user"] = gumbel_softmax(user_logits, noise.gumbel[f"{m}_user"])
+            if m == "t" and self.legacy_text_user_hyper:
+                # SPEC §3.8 Q1: the logged revision overwrote the visual user assignment with the
+                # text one and left the text user assignment as raw logits.
+                out["v_user"] = out["t_user"]
+                out["t_user"] = user_logits
+        return out
+
+    def dropout(self, x: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
+        if keep is None:
+            return x
+        return jnp.where(keep, x / self.keep_rate, 0.0)
+
+    def __call__(self, graph: Graph, feats: dict, noise: Noise) -> Outputs:
+        """Full-graph forward; training mode iff ``noise.keep`` is given."""
+        n_users = self.n_users
+        c = self.cge(graph)
+        if not self.modalities:
+            return Outputs(c[:n_users], c[n_users:], {})
+        fused = c
+        for m in self.modalities:
+            fused = fused + l2_normalize(self.mge(graph, feats[m], m))
+        assign = self.assignments(graph, feats, noise)
+        keep = noise.keep or {}
+        hyper, ghe = {}, 0.0
+        for m in self.modalities:
+            item_h = self.dropout(assign[f"{m}_item"], keep.get(f"{m}_item"))
+            user_h = self.dropout(assign[f"{m}_user"], keep.get(f"{m}_user"))
+            hyper[f"{m}_user"], hyper[f"{m}_item"] = hgnn(item_h, user_h, c[n_users:], self.n_hyper_layer)
+            ghe = ghe + jnp.concatenate([hyper[f"{m}_user"], hyper[f"{m}_item"]], axis=0)
+        fused = fused + self.alpha * l2_normalize(ghe)
+        return Outputs(fused[:n_users], fused[n_users:], hyper)
