@@ -125,12 +125,17 @@ def read_features(path: str, n_items: int) -> Optional[np.ndarray]:
     """Loads an (n_items, D) feature file as float32, or None when the file is absent."""
     if not os.path.exists(path):
         return None
+    with open(path, "rb") as handle:
+        magic = handle.read(6)
+    if magic != b"\x93NUMPY":
+        kind = "a pickle" if magic[:1] == b"\x80" else "no NumPy header"
+        raise DatasetError(f"{path}: not a .npy array ({kind}); expected np.save output of a 2-D float array")
     try:
         array = np.load(path, allow_pickle=False)
     except ValueError as err:
         if "pickle" in str(err):
             raise DatasetError(f"{path}: holds pickled objects, expected a plain numeric .npy array") from None
-        raise DatasetError(f"{path}: not a .npy array ({err})") from None
+        raise DatasetError(f"{path}: not a readable .npy array ({err})") from None
     except (OSError, EOFError) as err:
         raise DatasetError(f"{path}: not a readable .npy array ({err})") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu":

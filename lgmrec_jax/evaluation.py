@@ -72,9 +72,13 @@ def plan_split(train: np.ndarray, split_pairs: np.ndarray, n_users: int, n_items
 
 
 def masked_top_k(scores: jax.Array, mask_rows: jax.Array, mask_cols: jax.Array, k: int = TOP_K) -> jax.Array:
-    """Indices of the k best items per row after setting training pairs to -1e10."""
+    """Indices of the k best items per row after setting training pairs to -1e10.
+
+    A catalogue smaller than k is padded with -1 (never relevant).
+    """
     scores = scores.at[mask_rows, mask_cols].set(MASK_VALUE, mode="drop")
-    return jax.lax.top_k(scores, k)[1]
+    top = jax.lax.top_k(scores, min(k, scores.shape[1]))[1]
+    return jnp.pad(top, ((0, 0), (0, k - top.shape[1])), constant_values=-1)
 
 
 def train_mask(ds, users: np.ndarray):

@@ -21,7 +21,7 @@ def relevance(users: np.ndarray, top_items: np.ndarray, split_pairs: np.ndarray,
     split_keys = np.unique(split_pairs[:, 0].astype(np.int64) * n_items + split_pairs[:, 1])
     query = users.astype(np.int64)[:, None] * n_items + top_items.astype(np.int64)
     pos = np.minimum(np.searchsorted(split_keys, query), len(split_keys) - 1)
-    return split_keys[pos] == query
+    return (split_keys[pos] == query) & (top_items >= 0)  # -1 pads lists of small catalogues
 
 
 def per_user_counts(users: np.ndarray, split_pairs: np.ndarray, n_users: int) -> np.ndarray:

@@ -1,0 +1,102 @@
+"""Model construction, the training step and the compiled epoch.
+
+An epoch is one compiled program: ``lax.scan`` of :func:`train_step` over the epoch's
+device-resident batches, with the parameters and optimiser state donated. Every random draw of
+step s of epoch e comes from ``fold_in(fold_in(key(seed), TRAIN_STREAM), e)`` folded with s, so a
+run is a pure function of its seed and a resumed run repeats an uninterrupted one exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lgmrec_jax import losses
+from lgmrec_jax.data import Dataset
+from lgmrec_jax.graph import Graph
+from lgmrec_jax.model import LGMRec, sample_noise
+
+TRAIN_STREAM, EVAL_STREAM, INIT_STREAM = 0, 1, 2
+
+
+class TrainState(NamedTuple):
+    params: Any
+    opt_state: Any
+
+
+def stream_key(seed: int, stream: int, epoch: int = 0) -> jax.Array:
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), epoch)
+
+
+def make_model(cfg, ds: Dataset) -> LGMRec:
+    if cfg.feat_embed_dim != cfg.embedding_size:
+        raise ValueError(f"feat_embed_dim ({cfg.feat_embed_dim}) must equal embedding_size "
+                         f"({cfg.embedding_size}): MGE and CGE outputs are added")
+    feat_dims = tuple((m, f.shape[1]) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None)
+    return LGMRec(n_users=ds.n_users, n_items=ds.n_items, feat_dims=feat_dims,
+                  embedding_size=cfg.embedding_size, hyper_num=cfg.hyper_num, n_ui_layers=cfg.n_ui_layers,
+                  n_mm_layers=cfg.n_mm_layers, n_hyper_layer=cfg.n_hyper_layer, keep_rate=cfg.keep_rate,
+                  alpha=cfg.alpha, cf_model=cfg.cf_model, legacy_text_user_hyper=cfg.legacy_text_user_hyper,
+                  kernel=cfg.kernel)
+
+
+def device_features(ds: Dataset) -> dict:
+    return {m: jnp.asarray(f) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
+
+
+def make_optimizer(cfg) -> optax.GradientTransformation:
+    return optax.adam(cfg.learning_rate)  # (0.9, 0.999, 1e-8): PyTorch's Adam, eps after the sqrt
+
+
+def init_state(model: LGMRec, optimizer, graph: Graph, feats: dict, seed: int) -> TrainState:
+    noise = sample_noise(jax.random.PRNGKey(0), model.noise_shapes(), train=False, keep_rate=model.keep_rate)
+    params = jax.jit(model.init)(stream_key(seed, INIT_STREAM), graph, feats, noise)
+    return TrainState(params, optimizer.init(params))
+
+
+def make_train_step(model: LGMRec, optimizer, cfg, grad_reduce=None):
+    """fn(state, graph, feats, batch, key) -> (state, LossParts); ``grad_reduce`` averages across devices."""
+    shapes = model.noise_shapes()
+
+    def objective(params, graph, feats, batch, key):
+        noise = sample_noise(key, shapes, train=True, keep_rate=model.keep_rate)
+        out = model.apply(params, graph, feats, noise)
+        parts = losses.loss_parts(out, batch, cfg.cl_weight, cfg.reg_weight)
+        return parts.total, parts
+
+    def train_step(state: TrainState, graph, feats, batch: losses.Batch, key):
+        grads, parts = jax.grad(objective, has_aux=True)(state.params, graph, feats, batch, key)
+        if grad_reduce is not None:
+            grads = grad_reduce(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        return TrainState(optax.apply_updates(state.params, updates), opt_state), parts
+
+    return train_step
+
+
+def make_epoch_fn(train_step):
+    """fn(state, graph, feats, batches, epoch_key, first_step) -> (state, stacked LossParts)."""
+
+    def run_epoch(state, graph, feats, batches: losses.Batch, epoch_key, first_step):
+        steps = first_step + jnp.arange(batches.users.shape[0])
+
+        def body(carry, xs):
+            batch, step = xs
+            return train_step(carry, graph, feats, batch, jax.random.fold_in(epoch_key, step))
+
+        return jax.lax.scan(body, state, (batches, steps))
+
+    return run_epoch
+
+
+def to_batch(epoch_batches) -> losses.Batch:
+    return losses.Batch(*(jnp.asarray(a) for a in epoch_batches))
+
+
+def finite_state(state: TrainState) -> bool:
+    leaves = jax.tree_util.tree_leaves(state.params)
+    return bool(all(np.isfinite(np.asarray(x)).all() for x in leaves))

@@ -1,0 +1,64 @@
+"""The built-in synthetic datasets: deterministic, the preset's shapes, MMRec's split rule."""
+
+import hashlib
+import os
+
+import numpy as np
+
+from data_prep import synthetic
+from lgmrec_jax import data
+
+
+def digest(directory):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(directory)):
+        with open(os.path.join(directory, name), "rb") as handle:
+            h.update(name.encode() + handle.read())
+    return h.hexdigest()
+
+
+def test_deterministic_and_shaped(tmp_path):
+    a = synthetic.generate_named("synthetic_tiny", str(tmp_path / "a"))
+    b = synthetic.generate_named("synthetic_tiny", str(tmp_path / "b"))
+    assert digest(a) == digest(b)
+    preset = synthetic.PRESETS["tiny"]
+    ds = data.load_dataset(str(tmp_path / "a"), "synthetic_tiny")
+    assert (ds.n_users, ds.n_items) == (preset.n_users, preset.n_items)
+    assert len(ds.train) + len(ds.valid) + len(ds.test) == preset.n_interactions
+    assert ds.v_feat.shape == (preset.n_items, preset.image_dim)
+    assert ds.t_feat.shape == (preset.n_items, preset.text_dim)
+    np.testing.assert_allclose(np.linalg.norm(ds.t_feat, axis=1), 1.0, rtol=1e-5)
+    assert (ds.v_feat >= 0).all()
+
+
+def test_real_presets_match_benchmark_counts():
+    assert synthetic.PRESETS["baby"][:3] == (19445, 7050, 160792)
+    assert synthetic.PRESETS["sports"][:3] == (35598, 18357, 296337)
+    assert synthetic.PRESETS["clothing"][:3] == (39387, 23033, 278677)
+    assert all(synthetic.PRESETS[p].image_dim == 4096 and synthetic.PRESETS[p].text_dim == 384
+               for p in ("baby", "sports", "clothing"))
+
+
+def test_split_rule_per_user():
+    rng = np.random.default_rng(0)
+    users = np.repeat(np.arange(4), [5, 9, 10, 23])
+    labels = synthetic.mmrec_split_labels(rng, users)
+    counts = {u: np.bincount(labels[users == u], minlength=3).tolist() for u in range(4)}
+    assert counts == {0: [3, 1, 1], 1: [7, 1, 1], 2: [8, 1, 1], 3: [19, 2, 2]}
+
+
+def test_rows_per_user_sum_exactly():
+    counts = synthetic.rows_per_user(np.random.default_rng(1), 100, 1234, cap=40)
+    assert counts.sum() == 1234 and counts.min() >= 5 and counts.max() <= 40
+
+
+def test_features_carry_the_interaction_signal(tmp_path):
+    """Items co-consumed by users are closer in text-feature space than random item pairs."""
+    ds = data.load_dataset(str(tmp_path), "synthetic")
+    t = ds.t_feat
+    pairs = ds.train[np.argsort(ds.train[:, 0], kind="stable")]
+    same_user = pairs[:-1, 0] == pairs[1:, 0]
+    co = np.sum(t[pairs[:-1, 1][same_user]] * t[pairs[1:, 1][same_user]], axis=1).mean()
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, ds.n_items, 5000), rng.integers(0, ds.n_items, 5000)
+    assert co > np.sum(t[a] * t[b], axis=1).mean() + 0.05
