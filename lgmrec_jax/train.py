@@ -29,8 +29,13 @@ flags.DEFINE_string("dataset", "synthetic", "Dataset name: a directory <data_dir
 flags.DEFINE_string("data_dir", "./data", "Directory holding the dataset directories.")
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>).")
 flags.DEFINE_bool("restart", False, "Discard what the workdir holds and start over.")
-config_flags.DEFINE_config_dict("config", default_config.get_config(),
-                                "Hyperparameters; override with --config.KEY=VALUE.", lock_config=True)
+
+
+def define_config_flag() -> None:
+    """Defines --config; ml_collections reads --config.* overrides from sys.argv right here."""
+    if "config" not in FLAGS:
+        config_flags.DEFINE_config_dict("config", default_config.get_config(),
+                                        "Hyperparameters; override with --config.KEY=VALUE.", lock_config=True)
 
 
 def resolved_config(dataset: str):
@@ -100,8 +105,27 @@ def main(argv):
     print(json.dumps(summary, indent=2, sort_keys=True))
 
 
+def reject_unknown_config_keys(argv: list[str]) -> None:
+    known = set(default_config.get_config().keys())
+    for arg in argv[1:]:
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if key not in known:
+                fail(f"{arg.split('=', 1)[0]}: unknown config key {key!r}; known keys: {', '.join(sorted(known))}")
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing with one-line errors (exit 2) for bad values."""
+    try:
+        return FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        fail(f"bad flag: {err}")
+
+
 def run():
-    app.run(main)
+    reject_unknown_config_keys(sys.argv)
+    define_config_flag()
+    app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,105 @@
+"""Model paths beyond the goldens: no modality (LightGCN), one modality, noise handling, init."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lgmrec_jax import data, graph as graph_lib, losses, trainer
+from lgmrec_jax.configs import default
+from lgmrec_jax.model import LGMRec, l2_normalize, sample_noise
+
+
+def toy_dataset(v=True, t=True, seed=0):
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 12, 9
+    train = np.stack([np.repeat(np.arange(n_users), 3), rng.integers(0, n_items - 1, 3 * n_users)], axis=1)
+    feats = {"v_feat": rng.random((n_items, 7)) if v else None, "t_feat": rng.random((n_items, 5)) if t else None}
+    return data.from_arrays(train, train[:4], train[4:8], n_users, n_items, **feats)
+
+
+def small_config():
+    cfg = default.get_config()
+    cfg.embedding_size = cfg.feat_embed_dim = 8
+    return cfg
+
+
+def forward(ds, cfg=None, train=True, key=0):
+    cfg = cfg or small_config()
+    model = trainer.make_model(cfg, ds)
+    g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+    feats = trainer.device_features(ds)
+    state = trainer.init_state(model, trainer.make_optimizer(cfg), g, feats, seed=1)
+    noise = sample_noise(jax.random.PRNGKey(key), model.noise_shapes(), train, model.keep_rate)
+    return model, g, feats, state.params, model.apply(state.params, g, feats, noise)
+
+
+def test_no_modality_is_lightgcn():
+    ds = toy_dataset(v=False, t=False)
+    _, g, _, params, out = forward(ds)
+    x0 = np.concatenate([params["params"]["user_emb"], params["params"]["item_emb"]])
+    adj = np.asarray(g.norm_adj.todense())
+    expected = (x0 + adj @ x0 + adj @ adj @ x0) / 3  # mean over layers 0..2, layer 0 included
+    np.testing.assert_allclose(np.concatenate([out.user, out.item]), expected, rtol=1e-5, atol=1e-6)
+    assert out.hyper == {} and set(params["params"]) == {"user_emb", "item_emb"}
+
+
+def test_mf_uses_raw_embeddings():
+    cfg = small_config()
+    cfg.cf_model = "mf"
+    ds = toy_dataset(v=False, t=False)
+    _, _, _, params, out = forward(ds, cfg)
+    np.testing.assert_allclose(out.user, params["params"]["user_emb"])
+
+
+@pytest.mark.parametrize("modality", ["v", "t"])
+def test_one_modality_trains_without_contrastive_loss(modality):
+    ds = toy_dataset(v=modality == "v", t=modality == "t")
+    model, g, feats, params, out = forward(ds)
+    assert set(out.hyper) == {f"{modality}_user", f"{modality}_item"}
+    batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.arange(4, 8), jnp.ones(4))
+    parts = losses.loss_parts(out, batch, 1e-4, 1e-6)
+    assert float(parts.hcl) == 0.0 and np.isfinite(float(parts.total))
+    # The modality still shapes the embeddings: zeroing its features changes the output.
+    zeroed = {modality: jnp.zeros_like(feats[modality])}
+    noise = sample_noise(jax.random.PRNGKey(0), model.noise_shapes(), True, model.keep_rate)
+    assert not np.allclose(model.apply(params, g, zeroed, noise).user, out.user)
+
+
+def test_eval_noise_off_is_deterministic_and_on_is_not():
+    ds = toy_dataset()
+    model, g, feats, params, _ = forward(ds)
+    apply = lambda key, gumbel: model.apply(params, g, feats, sample_noise(
+        jax.random.PRNGKey(key), model.noise_shapes(), False, model.keep_rate, gumbel=gumbel)).user
+    np.testing.assert_array_equal(apply(1, False), apply(2, False))
+    assert not np.allclose(apply(1, True), apply(2, True))
+
+
+def test_xavier_bounds():
+    ds = toy_dataset()
+    _, _, _, params, _ = forward(ds)
+    p = params["params"]
+    for name, (rows, cols) in {k: v.shape for k, v in p.items()}.items():
+        bound = np.sqrt(6 / (rows + cols))
+        assert np.abs(p[name]).max() <= bound
+        assert np.abs(p[name]).max() > 0.8 * bound  # uniform over the whole range, not N(0, 1)
+
+
+def test_normalize_has_finite_gradient_at_zero_rows():
+    x = jnp.array([[0.0, 0.0], [3.0, 4.0]])
+    np.testing.assert_allclose(l2_normalize(x), [[0, 0], [0.6, 0.8]], rtol=1e-6)
+    grad = jax.grad(lambda v: jnp.sum(l2_normalize(v) * jnp.array([[1.0, 2.0], [1.0, 1.0]])))(x)
+    assert np.isfinite(np.asarray(grad)).all()
+
+
+def test_cold_items_give_finite_gradients():
+    ds = toy_dataset()  # the last item never occurs in training: an isolated node
+    cfg = small_config()
+    model = trainer.make_model(cfg, ds)
+    g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+    feats = trainer.device_features(ds)
+    state = trainer.init_state(model, trainer.make_optimizer(cfg), g, feats, 1)
+    step = trainer.make_train_step(model, trainer.make_optimizer(cfg), cfg)
+    batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.full(4, ds.n_items - 1), jnp.ones(4))
+    new_state, parts = step(state, g, feats, batch, jax.random.PRNGKey(3))
+    assert trainer.finite_state(new_state) and np.isfinite(float(parts.total))

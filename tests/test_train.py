@@ -1,0 +1,138 @@
+"""The training entry point: outputs, resume equality, config handling, refusals and evaluation."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO
+from lgmrec_jax import configs, evaluation, run as run_lib
+from lgmrec_jax.data import load_dataset
+
+TIMING_KEYS = ("train_s", "eval_s", "total_wall_s")
+
+
+def cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "lgmrec_jax.train", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600)
+
+
+def read_jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def test_cli_run_leaves_all_outputs(synthetic_dir, tmp_path):
+    workdir = tmp_path / "run"
+    proc = cli("--dataset=synthetic_tiny", f"--data_dir={synthetic_dir}", f"--workdir={workdir}",
+               "--config.alpha=0.7")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((workdir / "summary.json").read_text())
+    config = json.loads((workdir / "config.json").read_text())
+    rows = read_jsonl(workdir / "metrics.jsonl")
+    assert config["identity"]["config"]["alpha"] == 0.7  # the override is recorded
+    assert config["identity"]["config"]["epochs"] == 6  # synthetic_tiny picks configs/tiny.py
+    assert set(config["identity"]["dataset_files"]) == {"synthetic_tiny.inter", "image_feat.npy", "text_feat.npy"}
+    assert "jax" in config["versions"]
+    assert [r["epoch"] for r in rows] == list(range(summary["epochs_run"]))
+    best = rows[summary["best_epoch"]]
+    assert summary["best_test"] == best["test"] and summary["best_valid"] == best["valid"]
+    assert max(r["valid"]["recall@20"] for r in rows) == summary["best_valid"]["recall@20"]
+    assert {"total", "bpr", "hcl", "reg"} == set(rows[0]["loss"]) and rows[0]["loss"]["hcl"] > 0
+    assert os.listdir(workdir / "checkpoints")
+    assert "epoch    0" in proc.stderr  # one log line per epoch
+
+
+def test_cli_rejects_bad_input_with_one_line(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "broken.inter").write_text("userID\titemID\tx_label\n0\tx\t0\n")
+    workdir = tmp_path / "wd"
+    proc = cli("--dataset=broken", f"--data_dir={tmp_path}", f"--workdir={workdir}")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path}/broken/broken.inter:2: itemID is 'x', expected a non-negative integer")
+    assert "Traceback" not in proc.stderr and not workdir.exists()
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--config.bogus=1", "unknown config key 'bogus'"),
+    ("--config.eval_noise=sometimes", "eval_noise is 'sometimes'"),
+    ("--config.alpha=abc", "could not convert string to float"),
+])
+def test_cli_rejects_bad_config(tmp_path, arg, message):
+    proc = cli("--dataset=synthetic_tiny", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'wd'}", arg)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
+
+
+def tiny_config(**overrides):
+    cfg = configs.for_dataset("synthetic_tiny")
+    cfg.epochs, cfg.stopping_step = 5, 100
+    cfg.update(overrides)
+    return cfg
+
+
+def test_resume_equals_uninterrupted_run(synthetic_dir, tmp_path):
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    straight = run_lib.train_and_evaluate(tiny_config(), ds, str(tmp_path / "a"))
+    partial = run_lib.train_and_evaluate(tiny_config(), ds, str(tmp_path / "b"), stop_after_epochs=2)
+    assert partial == {"status": "interrupted", "epoch": 2}
+    resumed = run_lib.train_and_evaluate(tiny_config(), ds, str(tmp_path / "b"))
+    assert strip_timing(resumed) == strip_timing(straight)
+    assert strip_timing(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == strip_timing(
+        read_jsonl(tmp_path / "b" / "metrics.jsonl"))
+
+
+def test_workdir_with_other_setup_is_refused(synthetic_dir, tmp_path):
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    run_lib.train_and_evaluate(tiny_config(epochs=1), ds, str(tmp_path))
+    with pytest.raises(run_lib.RunError, match=r"config.alpha: 0.3 -> 0.9; config.seed: 999 -> 1"):
+        run_lib.train_and_evaluate(tiny_config(epochs=1, alpha=0.9, seed=1), ds, str(tmp_path))
+    summary = run_lib.train_and_evaluate(tiny_config(epochs=1, alpha=0.9), ds, str(tmp_path), restart=True)
+    assert summary["epochs_run"] == 1
+
+
+def test_second_run_on_locked_workdir_is_refused(tmp_path):
+    first = run_lib.Workdir(str(tmp_path))
+    first.lock()
+    try:
+        with pytest.raises(run_lib.RunError, match="another run is using this workdir"):
+            run_lib.Workdir(str(tmp_path)).lock()
+    finally:
+        first.unlock()
+    run_lib.Workdir(str(tmp_path)).lock()  # free again once released
+
+
+@pytest.mark.parametrize("eval_noise", ["off", "per_eval"])
+def test_evaluation_is_invariant_to_block_size(synthetic_dir, eval_noise):
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    results = []
+    for block in (7, 1000):
+        exp = run_lib.Experiment(tiny_config(eval_batch_size=block, eval_noise=eval_noise), ds)
+        results.append(exp.evaluate(exp.init_state().params, epoch=0))
+    assert results[0] == results[1]
+
+
+def test_blocked_top_k_masks_training_items(synthetic_dir):
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    plan = evaluation.plan_split(ds.train, ds.valid, ds.n_users, ds.n_items, block_size=8)
+    scores = np.tile(np.arange(ds.n_items, dtype=np.float32)[::-1], (8, 1))  # item 0 scores highest
+    tops = np.asarray(evaluation.masked_top_k(jnp.asarray(scores), plan.mask_rows[0], plan.mask_cols[0]))
+    train = set(map(tuple, ds.train.tolist()))
+    for row, user in enumerate(plan.block_users[0]):
+        ranked = [int(i) for i in tops[row] if i >= 0]
+        assert sorted(ranked) == list(range(ds.n_items))  # a 45-item catalogue: every item, then -1 pads
+        is_train = [(int(user), i) in train for i in ranked]
+        assert is_train == sorted(is_train)  # training items rank after every other item
+        assert sum(is_train) == len({i for u, i in train if u == user})
