@@ -27,7 +27,7 @@ import numpy as np
 
 from lgmrec_jax import __version__
 from lgmrec_jax import checkpoint as ckpt_lib
-from lgmrec_jax import evaluation, sampler as sampler_lib, trainer
+from lgmrec_jax import evaluation, parallel, sampler as sampler_lib, trainer
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
@@ -172,8 +172,7 @@ class Experiment:
         self.graph = build_graph(ds.train, ds.n_users, ds.n_items)
         self.feats = trainer.device_features(ds)
         self.sampler = sampler_lib.NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
-        step = trainer.make_train_step(self.model, self.optimizer, cfg)
-        self.run_epoch = jax.jit(trainer.make_epoch_fn(step), donate_argnums=(0,))
+        self.runner = parallel.make_runner(self.model, self.optimizer, cfg)
         self.plans = {name: evaluation.plan_split(ds.train, pairs, ds.n_users, ds.n_items, cfg.eval_batch_size)
                       for name, pairs in (("valid", ds.valid), ("test", ds.test)) if len(pairs)}
         self.eval_arrays = {name: tuple(jnp.asarray(a) for a in (p.block_users, p.mask_rows, p.mask_cols))
@@ -184,7 +183,8 @@ class Experiment:
         return trainer.init_state(self.model, self.optimizer, self.graph, self.feats, self.cfg.seed)
 
     def train_epoch(self, state, epoch: int, on_chunk=None):
-        """Runs epoch ``epoch``; returns (state, per-batch loss parts as a (n_batches, 4) array)."""
+        """Runs epoch ``epoch`` on a state in the runner's layout (``runner.put``); returns
+        (state, per-batch loss parts as a (n_batches, 4) array)."""
         batches = self.sampler.epoch(epoch)
         key = trainer.stream_key(self.cfg.seed, trainer.TRAIN_STREAM, epoch)
         n = batches.users.shape[0]
@@ -192,7 +192,7 @@ class Experiment:
         parts = []
         for start in range(0, n, chunk):
             piece = trainer.to_batch(tuple(a[start:start + chunk] for a in batches))
-            state, losses = self.run_epoch(state, self.graph, self.feats, piece, key, start)
+            state, losses = self.runner.run_epoch(state, self.graph, self.feats, piece, key, start)
             parts.append(np.stack([np.asarray(x) for x in losses], axis=1))
             if on_chunk is not None:
                 on_chunk(min(start + chunk, n), n)
@@ -256,6 +256,7 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
         if restored is not None:
             state = restored
             logging.info("resumed %s at epoch %d", wd.path, progress.epoch)
+        state = exp.runner.put(state)
         stopper = (EarlyStopping.from_state_dict(progress.stopper) if progress.stopper
                    else EarlyStopping(cfg.stopping_step))
         write_json_atomic(wd.file("config.json"), {"identity": identity, "versions": versions(),
@@ -274,13 +275,14 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
             show = progress_bar(epoch) if sys.stderr.isatty() else None
             state, parts = exp.train_epoch(state, epoch, show)
             loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
-            check_finite(parts, state, epoch, summary_path, progress)
+            host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
+            check_finite(parts, host_state, epoch, summary_path, progress)
             train_s = time.time() - tick
             row = {"epoch": epoch, "loss": loss, "train_s": round(train_s, 4)}
             stop = False
             if (epoch + 1) % cfg.eval_step == 0 and exp.plans:
                 tick = time.time()
-                results = exp.evaluate(state.params, epoch)
+                results = exp.evaluate(host_state.params, epoch)
                 row["eval_s"] = round(time.time() - tick, 4)
                 row.update(results)
                 stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],
@@ -294,7 +296,7 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
                 meta = dataclasses.asdict(progress)
                 meta["wall_s"] = progress.wall_s + time.time() - started  # earlier sessions + this one
                 valid_value = row.get("valid", {}).get(cfg.valid_metric)
-                checkpoints.save(progress.epoch, state, meta, None if valid_value is None else round(valid_value, 4))
+                checkpoints.save(progress.epoch, host_state, meta, None if valid_value is None else round(valid_value, 4))
             wd.append_metrics(row)
             epochs_this_call += 1
             if stop:

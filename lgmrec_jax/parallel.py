@@ -1,0 +1,47 @@
+"""Epoch runners: one device (jit) or data-parallel over local devices (pmap).
+
+A runner owns how the train state lives on the devices. The run loop only calls
+``put`` (host/restored state -> runner layout), ``run_epoch`` and ``get`` (runner layout -> one copy,
+for evaluation and checkpoints), so the single- and multi-device paths share the whole loop.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from lgmrec_jax import trainer
+
+
+class SingleDeviceRunner:
+    """The whole epoch as one jitted ``lax.scan`` with the state donated."""
+
+    n_devices = 1
+
+    def __init__(self, model, optimizer, cfg):
+        step = trainer.make_train_step(model, optimizer, cfg)
+        self._run = jax.jit(trainer.make_epoch_fn(step), donate_argnums=(0,))
+
+    def put(self, state):
+        return state
+
+    def get(self, state):
+        return state
+
+    def run_epoch(self, state, graph, feats, batches, epoch_key, first_step):
+        return self._run(state, graph, feats, batches, epoch_key, first_step)
+
+
+def resolve_num_devices(requested: int) -> int:
+    available = jax.local_device_count()
+    if requested < 0 or requested > available:
+        raise ValueError(f"num_devices is {requested}, expected 0 (all) to {available} local devices")
+    return requested or available
+
+
+def make_runner(model, optimizer, cfg):
+    n = resolve_num_devices(cfg.num_devices)
+    if n == 1:
+        return SingleDeviceRunner(model, optimizer, cfg)
+    from lgmrec_jax import sharded  # the row-sharded multi-device step
+
+    return sharded.PmapRunner(model, optimizer, cfg, n)
