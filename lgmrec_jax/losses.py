@@ -47,21 +47,41 @@ def infonce(anchors, positives, candidates, mask):
     return jnp.sum(per_row * mask)
 
 
-def masked_frobenius(x, mask):
-    return jnp.sqrt(jnp.sum(jnp.square(x) * mask[:, None]))
+class LossSums(NamedTuple):
+    """Sums over a batch's real rows; the loss parts are functions of these, so a batch split
+    across devices needs only their psum (lgmrec_jax.sharded)."""
+
+    bpr: jax.Array  # sum of -log sigmoid(diff)
+    hcl: jax.Array  # sum of the two InfoNCE terms
+    sq_user: jax.Array  # squared Frobenius norms of the three embedding blocks
+    sq_pos: jax.Array
+    sq_neg: jax.Array
+    rows: jax.Array  # number of real rows
 
 
-def loss_parts(out: Outputs, batch: Batch, cl_weight: float, reg_weight: float) -> LossParts:
-    n_rows = jnp.sum(batch.mask)
+def masked_sq(x, mask):
+    return jnp.sum(jnp.square(x) * mask[:, None])
+
+
+def loss_sums(out: Outputs, batch: Batch) -> LossSums:
     e_u, e_p, e_n = out.user[batch.users], out.item[batch.pos], out.item[batch.neg]
-    bpr = jnp.sum(jax.vmap(bpr_row)(e_u, e_p, e_n) * batch.mask) / n_rows
+    bpr = jnp.sum(jax.vmap(bpr_row)(e_u, e_p, e_n) * batch.mask)
     if "t_user" in out.hyper and "v_user" in out.hyper:
         h = out.hyper
         hcl = (infonce(h["v_user"][batch.users], h["t_user"][batch.users], h["t_user"], batch.mask)
                + infonce(h["v_item"][batch.pos], h["t_item"][batch.pos], h["t_item"], batch.mask))
     else:  # the contrastive loss needs two modalities
         hcl = jnp.zeros((), jnp.float32)
-    reg = (masked_frobenius(e_u, batch.mask) + masked_frobenius(e_p, batch.mask)
-           + masked_frobenius(e_n, batch.mask)) / n_rows
-    total = bpr + cl_weight * hcl + reg_weight * reg
-    return LossParts(total, bpr, hcl, reg)
+    return LossSums(bpr, hcl, masked_sq(e_u, batch.mask), masked_sq(e_p, batch.mask),
+                    masked_sq(e_n, batch.mask), jnp.sum(batch.mask))
+
+
+def combine(sums: LossSums, cl_weight: float, reg_weight: float) -> LossParts:
+    """The reference's parts: mean BPR, summed InfoNCE, (sum of Frobenius norms) / B."""
+    bpr = sums.bpr / sums.rows
+    reg = (jnp.sqrt(sums.sq_user) + jnp.sqrt(sums.sq_pos) + jnp.sqrt(sums.sq_neg)) / sums.rows
+    return LossParts(bpr + cl_weight * sums.hcl + reg_weight * reg, bpr, sums.hcl, reg)
+
+
+def loss_parts(out: Outputs, batch: Batch, cl_weight: float, reg_weight: float) -> LossParts:
+    return combine(loss_sums(out, batch), cl_weight, reg_weight)

@@ -14,7 +14,8 @@ model uses that modality's MGE and GHE alone; with none it is its collaborative 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+import dataclasses
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -70,13 +71,37 @@ def sample_noise(key: jax.Array, shapes: dict, train: bool, keep_rate: float,
     return Noise(draws, keep)
 
 
-def hgnn(item_hyper, user_hyper, item_emb, n_layers: int):
+@dataclasses.dataclass(frozen=True)
+class LocalOps:
+    """The model's big products on one device. lgmrec_jax.sharded.ShardedOps splits each across
+    devices by rows; both return full, replicated results, so the model code is shared."""
+
+    kernel: str = "segment_sum"
+
+    def propagate(self, matrix, x, n_rows: int):
+        """matrix @ x for a sparse (n_rows, cols) matrix."""
+        return propagate(matrix, x, self.kernel)
+
+    def feature_matmul(self, feat, weight, n_items: int):
+        """features @ weight, (n_items, k)."""
+        return feat @ weight
+
+    def matmul(self, a, b):
+        """a @ b for a dense a with many rows."""
+        return a @ b
+
+    def tmatmul(self, a, b):
+        """a.T @ b, contracting over many rows."""
+        return a.T @ b
+
+
+def hgnn(item_hyper, user_hyper, item_emb, n_layers: int, ops: Any = LocalOps()):
     """Parameter-free hypergraph propagation; returns the last iteration's (user, item) rows."""
     z, z_user = item_emb, None
     for _ in range(n_layers):
-        latent = item_hyper.T @ z  # (H, d) hyperedge embeddings
-        z = item_hyper @ latent
-        z_user = user_hyper @ latent
+        latent = ops.tmatmul(item_hyper, z)  # (H, d) hyperedge embeddings
+        z = ops.matmul(item_hyper, latent)
+        z_user = ops.matmul(user_hyper, latent)
     return z_user, z
 
 
@@ -96,6 +121,11 @@ class LGMRec(nn.Module):
     cf_model: str = "lightgcn"
     legacy_text_user_hyper: bool = False
     kernel: str = "segment_sum"
+    ops: Any = None  # None: LocalOps(kernel); the multi-device runner passes ShardedOps
+
+    @property
+    def big_ops(self):
+        return self.ops if self.ops is not None else LocalOps(self.kernel)
 
     @property
     def modalities(self) -> tuple:
@@ -121,24 +151,26 @@ class LGMRec(nn.Module):
         if self.cf_model == "mf":
             return x
         layers = [x]
+        n_nodes = self.n_users + self.n_items
         for _ in range(self.n_ui_layers):
-            layers.append(propagate(graph.norm_adj, layers[-1], self.kernel))
+            layers.append(self.big_ops.propagate(graph.norm_adj, layers[-1], n_nodes))
         return jnp.mean(jnp.stack(layers), axis=0)
 
     def mge(self, graph: Graph, feat: jax.Array, modality: str) -> jax.Array:
-        item = feat @ self.proj[modality]
-        user = propagate(graph.interactions, item, self.kernel) * graph.user_inv_deg
+        ops = self.big_ops
+        item = ops.feature_matmul(feat, self.proj[modality], self.n_items)
+        user = ops.propagate(graph.interactions, item, self.n_users) * graph.user_inv_deg
         y = jnp.concatenate([user, item], axis=0)
         for _ in range(self.n_mm_layers):
-            y = propagate(graph.norm_adj, y, self.kernel)
+            y = ops.propagate(graph.norm_adj, y, self.n_users + self.n_items)
         return y
 
     def assignments(self, graph: Graph, feats: dict, noise: Noise) -> dict:
         """Item and user hyperedge assignment matrices per modality (SPEC §3.4 step 1)."""
         out = {}
         for m in self.modalities:
-            item_logits = feats[m] @ self.hyper[m]
-            user_logits = propagate(graph.interactions, item_logits, self.kernel)  # sum of raw logits
+            item_logits = self.big_ops.feature_matmul(feats[m], self.hyper[m], self.n_items)
+            user_logits = self.big_ops.propagate(graph.interactions, item_logits, self.n_users)  # sum of raw logits
             out[f"{m}_item"] = gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"])
             out[f"{m}_user"] = gumbel_softmax(user_logits, noise.gumbel[f"{m}_user"])
             if m == "t" and self.legacy_text_user_hyper:
@@ -168,7 +200,8 @@ class LGMRec(nn.Module):
         for m in self.modalities:
             item_h = self.dropout(assign[f"{m}_item"], keep.get(f"{m}_item"))
             user_h = self.dropout(assign[f"{m}_user"], keep.get(f"{m}_user"))
-            hyper[f"{m}_user"], hyper[f"{m}_item"] = hgnn(item_h, user_h, c[n_users:], self.n_hyper_layer)
+            hyper[f"{m}_user"], hyper[f"{m}_item"] = hgnn(item_h, user_h, c[n_users:], self.n_hyper_layer,
+                                                          self.big_ops)
             ghe = ghe + jnp.concatenate([hyper[f"{m}_user"], hyper[f"{m}_item"]], axis=0)
         fused = fused + self.alpha * l2_normalize(ghe)
         return Outputs(fused[:n_users], fused[n_users:], hyper)

@@ -12,4 +12,6 @@ def get_config():
     c.embedding_size = 16
     c.feat_embed_dim = 16
     c.keep_checkpoints = 2
+    # Tests fake 4 CPU devices (tests/conftest.py); sharding a 45-item graph would only add cost.
+    c.num_devices = 1
     return c

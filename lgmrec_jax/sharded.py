@@ -1,0 +1,196 @@
+"""The data-parallel training step over local devices (``jax.pmap``), with the full-graph work
+split across devices by rows.
+
+Every step of LGMRec recomputes the whole graph forward, so splitting only the batch would repeat
+the expensive part on every device. Here each device holds a block of rows of every big operand and
+the model's products run through :class:`ShardedOps`:
+
+  sparse propagation   device d multiplies its row block of A_hat (or R), then ``all_gather``
+  feature projections  device d multiplies its block of feature rows, then ``all_gather``
+  hypergraph products  H^T Z as a ``psum`` of per-block partial products; H @ Lat by row blocks
+  loss                 device d takes B/n batch rows, scoring them against all InfoNCE candidates
+
+Gumbel noise and dropout masks are drawn in full from the same key on every device, so a step is the
+single-device step up to float32 reassociation. Each device's objective is its share of the loss
+(the Frobenius-norm regulariser is linearised around the global norm, which has the same gradient);
+the gradient is the ``psum`` of the per-device gradients, and every device applies the same Adam
+update to its replica of the state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import sparse
+
+from lgmrec_jax import losses, trainer
+from lgmrec_jax.graph import Graph, propagate
+from lgmrec_jax.model import sample_noise
+
+AXIS = "devices"
+
+
+def rows_per_device(n_rows: int, n_devices: int) -> int:
+    return -(-n_rows // n_devices)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardedOps:
+    """Row-split versions of the model's big products (see model.LocalOps); call inside pmap."""
+
+    n_devices: int
+    kernel: str = "segment_sum"
+
+    def gather(self, local, n_rows: int):
+        return jax.lax.all_gather(local, AXIS, tiled=True)[:n_rows]
+
+    def local_rows(self, x):
+        per = rows_per_device(x.shape[0], self.n_devices)
+        pad = per * self.n_devices - x.shape[0]
+        if pad:
+            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(AXIS) * per, per)
+
+    def propagate(self, matrix, x, n_rows: int):
+        return self.gather(propagate(matrix, x, self.kernel), n_rows)  # matrix: this device's row block
+
+    def feature_matmul(self, feat, weight, n_items: int):
+        return self.gather(feat @ weight, n_items)  # feat: this device's block of item rows
+
+    def matmul(self, a, b):
+        return self.gather(self.local_rows(a) @ b, a.shape[0])
+
+    def tmatmul(self, a, b):
+        return jax.lax.psum(self.local_rows(a).T @ self.local_rows(b), AXIS)
+
+
+def shard_rows(rows, cols, vals, n_rows: int, n_devices: int):
+    """Row blocks of a row-sorted COO matrix as stacked (n_devices, nnz_max) arrays, local row ids.
+
+    Padding entries have value 0 on the block's last row, which keeps the rows sorted.
+    """
+    per = rows_per_device(n_rows, n_devices)
+    bounds = np.searchsorted(rows, np.arange(n_devices + 1) * per)
+    width = max(1, int(np.max(np.diff(bounds))))
+    out_rows = np.full((n_devices, width), per - 1, np.int32)
+    out_cols = np.zeros((n_devices, width), np.int32)
+    out_vals = np.zeros((n_devices, width), np.float32)
+    for d in range(n_devices):
+        lo, hi = bounds[d], bounds[d + 1]
+        out_rows[d, : hi - lo] = rows[lo:hi] - d * per
+        out_cols[d, : hi - lo] = cols[lo:hi]
+        out_vals[d, : hi - lo] = vals[lo:hi]
+    return out_rows, out_cols, out_vals
+
+
+def shard_matrix(matrix: sparse.BCOO, n_devices: int):
+    indices = np.asarray(matrix.indices)
+    return shard_rows(indices[:, 0], indices[:, 1], np.asarray(matrix.data), matrix.shape[0], n_devices)
+
+
+def shard_features(feat, n_devices: int):
+    feat = np.asarray(feat)
+    per = rows_per_device(feat.shape[0], n_devices)
+    padded = np.zeros((per * n_devices, feat.shape[1]), np.float32)
+    padded[: feat.shape[0]] = feat
+    return padded.reshape(n_devices, per, feat.shape[1])
+
+
+def local_graph(shards: dict, shapes: dict, user_inv_deg) -> Graph:
+    """The Graph of one device (inside pmap): BCOO row blocks with local row indices."""
+    def bcoo(name):
+        rows, cols, vals = shards[name]
+        return sparse.BCOO((vals, jnp.stack([rows, cols], axis=1)), shape=shapes[name], indices_sorted=True)
+
+    return Graph(norm_adj=bcoo("norm_adj"), interactions=bcoo("interactions"), user_inv_deg=user_inv_deg)
+
+
+class PmapRunner:
+    """Runs epochs data-parallel over ``n_devices`` local devices; the state is replicated."""
+
+    def __init__(self, model, optimizer, cfg, n_devices: int):
+        self.n_devices = n_devices
+        self.devices = jax.local_devices()[:n_devices]
+        self.model = model.clone(ops=ShardedOps(n_devices, model.kernel))
+        self.optimizer = optimizer
+        self.cfg = cfg
+        self._inputs = None  # (graph, feats) it was built for, and their sharded versions
+        self._run = None
+
+    def put(self, state):
+        """One replica per device, laid out as pmap expects (leading device axis)."""
+        mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
+        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
+        stack = lambda x: np.broadcast_to(np.asarray(x), (self.n_devices,) + np.shape(x))
+        return jax.device_put(jax.tree_util.tree_map(stack, state), sharding)
+
+    def get(self, state):
+        return jax.tree_util.tree_map(lambda x: x[0], state)
+
+    def shard_inputs(self, graph: Graph, feats: dict):
+        if self._inputs is None or self._inputs[0] is not graph or self._inputs[1] is not feats:
+            n = self.n_devices
+            shards = {name: tuple(shard_matrix(getattr(graph, name), n)) for name in ("norm_adj", "interactions")}
+            shapes = {name: (rows_per_device(getattr(graph, name).shape[0], n), getattr(graph, name).shape[1])
+                      for name in shards}
+            local_feats = {m: shard_features(f, n) for m, f in feats.items()}
+            self._inputs = (graph, feats, shards, local_feats)
+            self._run = self.compile(shapes)
+        return self._inputs[2], self._inputs[3]
+
+    def compile(self, shapes: dict):
+        model, optimizer, cfg = self.model, self.optimizer, self.cfg
+        noise_shapes = model.noise_shapes()
+
+        def objective(params, graph, feats, batch, key):
+            noise = sample_noise(key, noise_shapes, train=True, keep_rate=model.keep_rate)
+            local = losses.loss_sums(model.apply(params, graph, feats, noise), batch)
+            total = jax.lax.psum(jax.lax.stop_gradient(local), AXIS)
+            norms = [jnp.maximum(jnp.sqrt(s), 1e-30) for s in (total.sq_user, total.sq_pos, total.sq_neg)]
+            # d||x|| = <x, dx> / ||x||: each device's share of the norm has the exact gradient.
+            reg_share = sum(sq / (2.0 * n) for sq, n in zip((local.sq_user, local.sq_pos, local.sq_neg), norms))
+            share = (local.bpr / total.rows + cfg.cl_weight * local.hcl
+                     + cfg.reg_weight * reg_share / total.rows)
+            return share, losses.combine(total, cfg.cl_weight, cfg.reg_weight)
+
+        def step(state, graph, feats, batch, key):
+            grads, parts = jax.grad(objective, has_aux=True)(state.params, graph, feats, batch, key)
+            grads = jax.lax.psum(grads, AXIS)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return trainer.TrainState(optax.apply_updates(state.params, updates), opt_state), parts
+
+        def run_epoch(state, shards, feats, user_inv_deg, batches, epoch_key, first_step):
+            graph = local_graph(shards, shapes, user_inv_deg)
+            steps = first_step + jnp.arange(batches.users.shape[0])
+
+            def body(carry, xs):
+                batch, s = xs
+                return step(carry, graph, feats, batch, jax.random.fold_in(epoch_key, s))
+
+            return jax.lax.scan(body, state, (batches, steps))
+
+        return jax.pmap(run_epoch, axis_name=AXIS, in_axes=(0, 0, 0, None, 0, None, None),
+                        devices=self.devices, donate_argnums=(0,))
+
+    def split_batches(self, batches: losses.Batch) -> losses.Batch:
+        """(n_batches, B) -> (n_devices, n_batches, B / n_devices), padding B with masked rows."""
+        n = self.n_devices
+
+        def split(x):
+            x = np.asarray(x)
+            pad = (-x.shape[1]) % n
+            if pad:
+                x = np.concatenate([x, np.zeros((x.shape[0], pad), x.dtype)], axis=1)
+            return np.ascontiguousarray(x.reshape(x.shape[0], n, -1).transpose(1, 0, 2))
+
+        return losses.Batch(*(split(x) for x in batches))
+
+    def run_epoch(self, state, graph, feats, batches, epoch_key, first_step):
+        shards, local_feats = self.shard_inputs(graph, feats)
+        state, parts = self._run(state, shards, local_feats, graph.user_inv_deg, self.split_batches(batches),
+                                 epoch_key, first_step)
+        return state, jax.tree_util.tree_map(lambda x: x[0], parts)
