@@ -122,6 +122,12 @@ class LGMRec(nn.Module):
     legacy_text_user_hyper: bool = False
     kernel: str = "segment_sum"
     ops: Any = None  # None: LocalOps(kernel); the multi-device runner passes ShardedOps
+    # Ablations of the paper (all True is LGMRec). Without CGE the fused output omits C and the
+    # hypergraph takes the unpropagated item ID embeddings; without GHE there is no hypergraph
+    # term and hence no contrastive loss.
+    use_cge: bool = True
+    use_mge: bool = True
+    use_ghe: bool = True
 
     @property
     def big_ops(self):
@@ -148,7 +154,7 @@ class LGMRec(nn.Module):
 
     def cge(self, graph: Graph) -> jax.Array:
         x = jnp.concatenate([self.user_emb, self.item_emb], axis=0)
-        if self.cf_model == "mf":
+        if self.cf_model == "mf" or not self.use_cge:
             return x
         layers = [x]
         n_nodes = self.n_users + self.n_items
@@ -189,11 +195,14 @@ class LGMRec(nn.Module):
         """Full-graph forward; training mode iff ``noise.keep`` is given."""
         n_users = self.n_users
         c = self.cge(graph)
+        fused = c if self.use_cge else jnp.zeros_like(c)
         if not self.modalities:
-            return Outputs(c[:n_users], c[n_users:], {})
-        fused = c
-        for m in self.modalities:
-            fused = fused + l2_normalize(self.mge(graph, feats[m], m))
+            return Outputs(fused[:n_users], fused[n_users:], {})
+        if self.use_mge:
+            for m in self.modalities:
+                fused = fused + l2_normalize(self.mge(graph, feats[m], m))
+        if not self.use_ghe:
+            return Outputs(fused[:n_users], fused[n_users:], {})
         assign = self.assignments(graph, feats, noise)
         keep = noise.keep or {}
         hyper, ghe = {}, 0.0

@@ -41,7 +41,7 @@ def make_model(cfg, ds: Dataset) -> LGMRec:
                   embedding_size=cfg.embedding_size, hyper_num=cfg.hyper_num, n_ui_layers=cfg.n_ui_layers,
                   n_mm_layers=cfg.n_mm_layers, n_hyper_layer=cfg.n_hyper_layer, keep_rate=cfg.keep_rate,
                   alpha=cfg.alpha, cf_model=cfg.cf_model, legacy_text_user_hyper=cfg.legacy_text_user_hyper,
-                  kernel=cfg.kernel)
+                  kernel=cfg.kernel, use_cge=cfg.use_cge, use_mge=cfg.use_mge, use_ghe=cfg.use_ghe)
 
 
 def device_features(ds: Dataset) -> dict:

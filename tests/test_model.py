@@ -103,3 +103,32 @@ def test_cold_items_give_finite_gradients():
     batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.full(4, ds.n_items - 1), jnp.ones(4))
     new_state, parts = step(state, g, feats, batch, jax.random.PRNGKey(3))
     assert trainer.finite_state(new_state) and np.isfinite(float(parts.total))
+
+
+@pytest.mark.parametrize("switch", ["use_cge", "use_mge", "use_ghe"])
+def test_ablation_switches_remove_their_term(switch):
+    ds = toy_dataset()
+    cfg = small_config()
+    model, g, feats, params, full = forward(ds, cfg, train=False)
+    cfg[switch] = False
+    ablated = trainer.make_model(cfg, ds)
+    noise = sample_noise(jax.random.PRNGKey(0), ablated.noise_shapes(), False, ablated.keep_rate)
+    out = ablated.apply(params, g, feats, noise)
+    c = model.apply(params, g, method=LGMRec.cge)
+    both = jnp.concatenate([full.user, full.item])
+    got = jnp.concatenate([out.user, out.item])
+    if switch == "use_cge":
+        # C leaves the output and the hypergraph reads the raw item ID embeddings instead.
+        np.testing.assert_allclose(ablated.apply(params, g, method=LGMRec.cge),
+                                   jnp.concatenate([params["params"]["user_emb"], params["params"]["item_emb"]]))
+        cfg.alpha = 0.0  # without the hypergraph term the output is exactly the MGE part
+        no_ghe = trainer.make_model(cfg, ds).apply(params, g, feats, noise)
+        mge = sum(l2_normalize(model.apply(params, g, feats[m], m, method=LGMRec.mge)) for m in ("v", "t"))
+        np.testing.assert_allclose(jnp.concatenate([no_ghe.user, no_ghe.item]), mge, rtol=1e-5, atol=1e-6)
+    elif switch == "use_mge":
+        mge = sum(l2_normalize(model.apply(params, g, feats[m], m, method=LGMRec.mge)) for m in ("v", "t"))
+        np.testing.assert_allclose(got, both - mge, rtol=1e-5, atol=1e-6)
+    else:
+        assert out.hyper == {}
+        ghe = both - c - sum(l2_normalize(model.apply(params, g, feats[m], m, method=LGMRec.mge)) for m in ("v", "t"))
+        np.testing.assert_allclose(got, both - ghe, rtol=1e-5, atol=1e-6)

@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     c.reg_weight = 1e-6
     # (ours) Deviations are named options; the defaults are the reference's behaviour.
     c.legacy_text_user_hyper = False  # SPEC §3.8 Q1: True replays the logged (buggy) revision
+    # (ours) The paper's ablations; all True is LGMRec. use_ghe=False also drops the contrastive
+    # loss (it contrasts the hypergraph embeddings); "w/o HCL" is cl_weight=0.
+    c.use_cge = True
+    c.use_mge = True
+    c.use_ghe = True
     c.eval_noise = "per_block"  # "per_block" (faithful) | "per_eval" | "off"
     # (ours) Execution.
     c.kernel = "segment_sum"  # sparse propagation: "segment_sum" | "bcoo"
