@@ -13,6 +13,7 @@ serves every batch (see losses.Batch).
 
 from __future__ import annotations
 
+import concurrent.futures
 from typing import NamedTuple
 
 import numpy as np
@@ -78,3 +79,26 @@ class NegativeSampler:
 
         return EpochBatches(pad(rows[:, 0], np.int32), pad(rows[:, 1], np.int32), pad(neg, np.int32),
                             pad(np.ones(len(rows)), np.float32))
+
+
+class Prefetcher:
+    """Prepares epoch e + 1's batches on a host thread while the device trains epoch e.
+
+    The batches are a pure function of (seed, epoch), so prefetching changes no number.
+    """
+
+    def __init__(self, sampler: NegativeSampler):
+        self.sampler = sampler
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
+        self._pending: tuple[int, concurrent.futures.Future] | None = None
+
+    def epoch(self, epoch: int) -> EpochBatches:
+        if self._pending is not None and self._pending[0] == epoch:
+            batches = self._pending[1].result()
+        else:
+            batches = self.sampler.epoch(epoch)
+        self._pending = (epoch + 1, self._pool.submit(self.sampler.epoch, epoch + 1))
+        return batches
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -59,3 +59,16 @@ def test_user_with_every_item_is_an_error():
     train = np.array([[0, 0], [0, 1], [1, 0]])
     with pytest.raises(data.DatasetError, match="user 0 has every training item"):
         NegativeSampler(train, 2, 4, 0)
+
+
+def test_prefetched_epochs_equal_direct_ones():
+    from lgmrec_jax.sampler import Prefetcher
+
+    train = make_train()
+    direct = NegativeSampler(train, 30, 64, seed=5)
+    prefetch = Prefetcher(NegativeSampler(train, 30, 64, seed=5))
+    for epoch in (0, 1, 2, 5, 6):  # in order, then a jump (as after a resume)
+        got, want = prefetch.epoch(epoch), direct.epoch(epoch)
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    prefetch.close()
