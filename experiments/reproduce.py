@@ -32,12 +32,13 @@ the others still run); 2 for a bad command line.
 from __future__ import annotations
 
 import json
-import logging as py_logging
 import os
 import sys
 from typing import Optional
 
 from absl import app, flags, logging
+
+from lgmrec_jax.cli import fail, parse_flags, setup_logging
 
 PAPER_DATASETS = ("baby", "sports", "clothing")
 VARIANTS = ("legacy", "fixed")
@@ -313,11 +314,6 @@ def write_outputs(workdir_root: str, payload: dict) -> None:
 # Command line
 
 
-def fail(message: str, code: int = 2) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
-
-
 def request_from_flags(values) -> dict:
     """The flags as a request for :func:`reproduce`, after checking them."""
     from data_prep.synthetic import PRESETS
@@ -347,20 +343,10 @@ def request_from_flags(values) -> dict:
     }
 
 
-class QuietLibraries(py_logging.Filter):
-    """Keeps our INFO lines, drops orbax's per-save and JAX's backend-probe INFO chatter (as
-    lgmrec_jax.train does; importing that module would define its global flags here)."""
-
-    def filter(self, record: py_logging.LogRecord) -> bool:
-        noisy = "orbax" in record.pathname or "xla_bridge" in record.pathname
-        return record.levelno >= py_logging.WARNING or not noisy
-
-
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(QuietLibraries())
+    setup_logging()
     try:
         request = request_from_flags(flags.FLAGS)
     except ReproduceError as err:
@@ -391,13 +377,6 @@ def define_flags() -> None:
     flags.DEFINE_string("config_overrides", "", "key=value,... applied to every dataset's config (e.g. "
                         "epochs=2); makes the results not comparable with the logs.")
     flags.DEFINE_bool("restart", False, "Discard the runs' workdirs and start over (default: resume).")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        fail(f"bad flag: {err}")
 
 
 if __name__ == "__main__":

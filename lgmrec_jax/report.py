@@ -19,10 +19,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 from typing import Optional
 
 from absl import app, flags, logging
+
+from lgmrec_jax.cli import fail, parse_flags
 
 METRICS = ("recall", "ndcg", "precision", "map")
 CUTOFFS = (5, 10, 20, 50)
@@ -283,11 +284,6 @@ def report(workdir: str, plot: bool = True) -> str:
 # Command line
 
 
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
 def main(argv: list[str]) -> None:
     if len(argv) != 2:
         fail(f"expected one WORKDIR argument, got {len(argv) - 1}; usage: python -m lgmrec_jax.report WORKDIR")
@@ -302,14 +298,6 @@ def define_flags() -> None:
     """Defined only when run as a program, so importing this module adds no global flags that could
     clash with another entry point's (lgmrec_jax.train defines --dataset, --workdir, ...)."""
     flags.DEFINE_bool("plot", True, f"Write WORKDIR/{PLOT_NAME} (needs matplotlib).")
-
-
-def parse_flags(argv: list[str]) -> list[str]:
-    """absl flag parsing with a one-line error (exit 2) for a bad flag."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as err:
-        fail(f"bad flag: {err}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,35 @@
+"""What every command-line entry point shares: one-line errors, flag parsing, quiet library logs."""
+
+from __future__ import annotations
+
+import logging as py_logging
+import sys
+
+from absl import flags, logging
+
+
+def fail(message: str, code: int = 2):
+    """Prints ``error: message`` on stderr and exits (2: bad input), never a traceback."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing (``app.run(..., flags_parser=parse_flags)``) with one-line errors."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
+        fail(f"bad flag: {err}")
+
+
+class QuietLibraries(py_logging.Filter):
+    """Keeps our INFO lines; drops orbax's per-save and JAX's backend-probe INFO chatter."""
+
+    def filter(self, record: py_logging.LogRecord) -> bool:
+        noisy = "orbax" in record.pathname or "xla_bridge" in record.pathname
+        return record.levelno >= py_logging.WARNING or not noisy
+
+
+def setup_logging(level=logging.INFO) -> None:
+    logging.set_verbosity(level)
+    logging.get_absl_handler().addFilter(QuietLibraries())
