@@ -6,24 +6,53 @@ wall time so far, and the sampler/RNG state. The sampler and every key are pure 
 ``(seed, epoch)`` (see trainer.stream_key), so that pair is the whole RNG state.
 
 Saves are synchronous and atomic (orbax writes a temporary directory and renames it), so a kill
-during a save leaves the previous checkpoints intact. :meth:`Checkpoints.restore_latest` walks back
-from the newest step until one restores.
+during a save leaves the previous checkpoints intact; the temporary directory is removed when the
+directory is next opened. The JSON block also records a SHA-256 of the saved arrays, checked on
+restore: a truncated, deleted or bit-flipped file makes a checkpoint unreadable, never silently
+different. :meth:`Checkpoints.restore_latest` walks back from the newest step until one restores and
+moves the unreadable newer ones aside (to ``<directory>.unreadable/``), so the run can save those
+steps again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import re
+import time
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+# Key of the JSON block that holds the arrays' fingerprint; added by save, removed by restore.
+FINGERPRINT_KEY = "_state_sha256"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message is one line."""
 
 
 def _best_score(metrics: dict) -> float:
     # Ties keep the earliest epoch, as early stopping does (strict improvement only).
     return metrics["valid"] - 1e-9 * metrics["epoch"]
+
+
+def fingerprint(state: Any) -> str:
+    """SHA-256 over every leaf's dtype, shape and bytes, in tree order."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(state):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{array.dtype.str}{array.shape}".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def state_bytes(state: Any) -> int:
+    return int(sum(np.asarray(leaf).nbytes for leaf in jax.tree_util.tree_leaves(state)))
 
 
 class Checkpoints:
@@ -32,13 +61,26 @@ class Checkpoints:
         policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(get_metric_fn=_best_score, n=1)])
         options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
                                                cleanup_tmp_directories=True, create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        except Exception as err:
+            raise CheckpointError(f"{self.directory}: cannot open the checkpoint directory ({_first_line(err)})") \
+                from None
 
     def save(self, epoch: int, state: Any, meta: dict, valid_value: Optional[float]) -> None:
+        """Saves step ``epoch``; a step of that number already there (one that could not be restored,
+        left behind by a fallback to an older checkpoint) is moved aside first."""
+        if epoch in self.manager.all_steps():
+            self.quarantine(epoch, "replaced by a new save of the same epoch")
         metrics = None if valid_value is None else {"valid": float(valid_value), "epoch": epoch}
+        meta = {**meta, FINGERPRINT_KEY: fingerprint(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.manager.save(epoch, args=args, metrics=metrics, force=True)
-        self.manager.wait_until_finished()
+        try:
+            self.manager.save(epoch, args=args, metrics=metrics, force=True)
+            self.manager.wait_until_finished()
+        except Exception as err:  # a full disk, an unwritable directory, ...
+            raise CheckpointError(f"{self.directory}: saving checkpoint {epoch} failed ({_os_reason(err)})") \
+                from err
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -46,26 +88,62 @@ class Checkpoints:
     def restore(self, epoch: int, abstract_state: Any):
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
         restored = self.manager.restore(epoch, args=args)
-        return restored["state"], restored["meta"]
+        state, meta = restored["state"], dict(restored["meta"])
+        expected = meta.pop(FINGERPRINT_KEY, None)  # absent in checkpoints written before it existed
+        if expected is not None and fingerprint(state) != expected:
+            raise CheckpointError(f"checkpoint {epoch}: the restored arrays do not match the SHA-256 recorded "
+                                  f"at save time (a corrupted file)")
+        return state, meta
 
     def restore_latest(self, abstract_state: Any):
-        """(state, meta, skipped) from the newest checkpoint that restores, or (None, None, skipped)."""
+        """(state, meta, skipped) from the newest checkpoint that restores, or (None, None, skipped).
+
+        When an older checkpoint restores, the newer unreadable ones (``skipped``) are moved aside; when
+        none restores, nothing is moved.
+        """
         skipped = []
         for epoch in reversed(self.steps()):
             try:
                 state, meta = self.restore(epoch, abstract_state)
-                return state, meta, skipped
             except Exception as err:  # any unreadable checkpoint: fall back to an older one
                 logging.warning("checkpoint %d in %s cannot be restored: %s", epoch, self.directory,
-                                str(err).splitlines()[0] if str(err) else type(err).__name__)
+                                _first_line(err))
                 skipped.append(epoch)
+                continue
+            for bad in skipped:
+                self.quarantine(bad, "cannot be restored")
+            return state, meta, skipped
         return None, None, skipped
+
+    def quarantine(self, epoch: int, why: str) -> str:
+        """Moves step ``epoch`` out of the directory (kept for inspection); returns where it went."""
+        source = os.path.join(self.directory, str(epoch))
+        target_dir = f"{self.directory}.unreadable"
+        os.makedirs(target_dir, exist_ok=True)
+        target = os.path.join(target_dir, f"{epoch}-{time.time_ns()}")
+        os.rename(source, target)
+        self.manager.reload()
+        logging.warning("checkpoint %d %s: moved to %s", epoch, why, target)
+        return target
 
     def best_step(self) -> Optional[int]:
         return self.manager.best_step()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _os_reason(err: BaseException) -> str:
+    """The OS error behind a failed write (orbax/TensorStore wrap it in long messages), else the first line."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    code = re.search(r"os_error_code='?(\d+)", str(err))
+    return os.strerror(int(code.group(1))) if code else _first_line(err)[:300]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def abstract_like(tree: Any) -> Any:

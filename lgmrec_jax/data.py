@@ -23,6 +23,11 @@ FEATURE_FILES = {"v": "image_feat.npy", "t": "text_feat.npy"}
 # Magnitude above which float32 overflows in the squared row norms of the projected features
 # (|x| * |W| * D, squared); such files are rejected rather than trained into NaNs.
 MAX_ABS_FEATURE = 1e15
+# Ids index int32 arrays on the device, and every id up to the largest gets an embedding row: ids must
+# fit int32, and a largest id far beyond the number of distinct ids (not 0..n-1 as MMRec expects) is
+# rejected rather than allocated (1e12 ids would need terabytes).
+MAX_ID = 2**31 - 2
+MAX_ID_SPREAD = (100, 1_000_000)  # largest id + 1 may be at most 100 * distinct ids + 1e6
 
 
 class DatasetError(ValueError):
@@ -69,8 +74,11 @@ def read_inter(path: str) -> np.ndarray:
     """Reads the userID, itemID, x_label columns of a .inter file as an (n, 3) int64 array."""
     if not os.path.isfile(path):
         raise DatasetError(f"{path}: interaction file not found (expected a tab-separated .inter file)")
-    with open(path, "rb") as handle:
-        raw = handle.read()
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read()
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read ({err.strerror})") from None
     try:
         text = raw.decode("utf-8-sig")  # tolerates a UTF-8 byte-order mark
     except UnicodeDecodeError as err:
@@ -125,8 +133,11 @@ def read_features(path: str, n_items: int) -> Optional[np.ndarray]:
     """Loads an (n_items, D) feature file as float32, or None when the file is absent."""
     if not os.path.exists(path):
         return None
-    with open(path, "rb") as handle:
-        magic = handle.read(6)
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot be read ({err.strerror}); expected a .npy file") from None
     if magic != b"\x93NUMPY":
         kind = "a pickle" if magic[:1] == b"\x80" else "no NumPy header"
         raise DatasetError(f"{path}: not a .npy array ({kind}); expected np.save output of a 2-D float array")
@@ -160,6 +171,17 @@ def read_features(path: str, n_items: int) -> Optional[np.ndarray]:
     return np.ascontiguousarray(array, dtype=np.float32)
 
 
+def check_id_range(path: str, table: np.ndarray) -> None:
+    for j, name in enumerate(INTER_COLUMNS[:2]):
+        largest = int(table[:, j].max())
+        if largest > MAX_ID:
+            raise DatasetError(f"{path}: {name} {largest} exceeds {MAX_ID}, expected ids 0..n-1 (remap them)")
+        distinct = len(np.unique(table[:, j]))
+        if largest + 1 > MAX_ID_SPREAD[0] * distinct + MAX_ID_SPREAD[1]:
+            raise DatasetError(f"{path}: {name} goes up to {largest} but only {distinct} distinct ids occur; "
+                               f"expected ids 0..n-1 (every id up to the largest gets an embedding row; remap them)")
+
+
 def split(table: np.ndarray):
     """Splits by x_label and drops valid/test rows of users with no training row (SPEC §1.4)."""
     pairs = [table[table[:, 2] == label][:, :2].copy() for label in range(3)]
@@ -190,6 +212,7 @@ def load_dataset(data_dir: str, name: str, generate_synthetic: bool = True) -> D
             f"{path}: dataset directory not found (expected {name}/{name}.inter under --data_dir={data_dir})")
     inter_path = os.path.join(path, f"{name}.inter")
     table = read_inter(inter_path)
+    check_id_range(inter_path, table)
     n_users = int(table[:, 0].max()) + 1  # SPEC §1.3: over all rows, before the split
     n_items = int(table[:, 1].max()) + 1
     train, valid, test, dropped = split(table)

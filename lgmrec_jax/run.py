@@ -6,17 +6,30 @@ Data flow of an epoch e (see WORKSPACE.md):
   device: evaluate_split(valid), evaluate_split(test) -> top-50 lists per block
   host:   metrics, early stopping, checkpoint, one line of metrics.jsonl and of the log
 
-Workdir files: config.json, metrics.jsonl, summary.json, checkpoints/, .lock.
+Workdir files: config.json, metrics.jsonl, summary.json, checkpoints/, .lock (and
+checkpoints.unreadable/ when a checkpoint could not be restored).
+
+Faults (issue #7; experiments/results/reliability.md measures them): the workdir is locked (a second
+run is refused) and probed for writability before anything is compiled; checkpoints are atomic and
+carry a SHA-256 of their arrays, and a resume starts from the newest one that restores (unreadable
+newer ones are moved aside); metrics.jsonl is rewritten from the checkpoint's history on resume, so
+a kill between a save and the metrics line, or during that line, heals; summary.json exists only
+for a finished (or non-finite) run and is written atomically; a failing write stops the run with a
+one-line RunError and leaves the newest checkpoint as the resume point. ``LGMREC_FAULT`` (below)
+injects faults at chosen points for the tests.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
+import glob
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import time
 from typing import Optional
@@ -36,12 +49,92 @@ from lgmrec_jax.graph import build_graph
 EXECUTION_KEYS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "epochs")
 
 
+FINISHED = ("early_stopped", "max_epochs")  # summary.json statuses of a run that ended normally
+
+
 class RunError(RuntimeError):
     """A run cannot start or continue; the message is one line for the user."""
 
 
 class NonFiniteError(RuntimeError):
     pass
+
+
+# ---- Fault injection: tests/test_reliability.py and experiments/reliability.py only -----------------
+# LGMREC_FAULT holds comma-separated faults ACTION:POINT:EPOCH, EPOCH being the 0-based epoch index of
+# the log (``*`` = any). Unset, as in every real run, each hook below is a no-op.
+#   kill:train:E    SIGKILL halfway through epoch E's training steps
+#   kill:eval:E     SIGKILL after the valid split of epoch E's evaluation, before the test split
+#   kill:save:E     SIGKILL inside the checkpoint save after epoch E: files written, not yet committed
+#   kill:saved:E    SIGKILL right after that save, before epoch E's metrics.jsonl line
+#   kill:metrics:E  SIGKILL with half of epoch E's metrics.jsonl line written
+#   kill:summary:E  SIGKILL with summary.json's temporary file written, before it replaces summary.json
+#   nan:loss:E[:S]  step S (default 0) of epoch E reports a NaN loss
+#   nan:params:E    a parameter is NaN after epoch E
+#   enospc:save:E, enospc:metrics:E, enospc:summary:E
+#                   OSError(ENOSPC) at that write (the save: at its commit; metrics: after half the line)
+FAULT_ENV = "LGMREC_FAULT"
+
+
+def fault(action: str, point: str, epoch: int) -> Optional[list]:
+    """The extra fields of the first matching fault in $LGMREC_FAULT ([] when none), or None."""
+    for spec in os.environ.get(FAULT_ENV, "").split(","):
+        parts = spec.strip().split(":")
+        if len(parts) >= 3 and parts[:2] == [action, point] and parts[2] in ("*", str(epoch)):
+            return parts[3:]
+    return None
+
+
+def _kill_at(point: str, epoch: int) -> None:
+    if fault("kill", point, epoch) is not None:
+        logging.warning("fault injection: SIGKILL at %s of epoch %d", point, epoch)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _enospc_at(point: str, epoch: int, path: str) -> None:
+    if fault("enospc", point, epoch) is not None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (fault injection)", path)
+
+
+class _FaultInSave:
+    """kill:save:E / enospc:save:E: replaces orbax's commit rename for the duration of one save."""
+
+    def __init__(self, epoch: int):
+        self.kill = fault("kill", "save", epoch) is not None
+        self.enospc = fault("enospc", "save", epoch) is not None
+        self.epoch = epoch
+
+    def __enter__(self):
+        if self.kill or self.enospc:
+            from orbax.checkpoint._src.path import async_path  # the rename that commits a step
+
+            self.module, self.original = async_path, async_path.rename
+
+            async def rename(src, dst):
+                if self.kill:
+                    logging.warning("fault injection: SIGKILL inside the save of epoch %d", self.epoch)
+                    os.kill(os.getpid(), signal.SIGKILL)
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (fault injection)", str(dst))
+
+            async_path.rename = rename
+        return self
+
+    def __exit__(self, *exc):
+        if self.kill or self.enospc:
+            self.module.rename = self.original
+
+
+def _inject_nan(parts: np.ndarray, state, epoch: int):
+    extra = fault("nan", "loss", epoch)
+    if extra is not None:
+        parts = parts.copy()
+        parts[int(extra[0]) if extra else 0, 0] = np.nan
+    if fault("nan", "params", epoch) is not None:
+        leaves, treedef = jax.tree_util.tree_flatten(state.params)
+        leaves[0] = np.full(np.shape(leaves[0]), np.nan, np.asarray(leaves[0]).dtype)
+        state = state._replace(params=jax.tree_util.tree_unflatten(treedef, leaves))
+    return parts, state
+# ---- End of fault injection ------------------------------------------------------------------------
 
 
 def versions() -> dict:
@@ -95,15 +188,31 @@ class Workdir:
         return os.path.join(self.path, name)
 
     def prepare(self, identity: dict, restart: bool) -> None:
+        """Creates and locks the workdir and checks it is writable, before anything is compiled."""
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise RunError(f"{self.path}: workdir exists and is not a directory; choose another --workdir")
         try:
             os.makedirs(self.path, exist_ok=True)
-            probe = self.file(".write-probe")
+        except OSError as err:
+            raise RunError(f"{self.path}: workdir cannot be created ({err.strerror}); choose another --workdir") \
+                from None
+        self.lock()  # before any write: a refused second run touches nothing
+        try:
+            probe = self.file(f".write-probe-{os.getpid()}")
             with open(probe, "w") as handle:
                 handle.write("ok")
+                handle.flush()
+                os.fsync(handle.fileno())
             os.remove(probe)
         except OSError as err:
-            raise RunError(f"{self.path}: workdir is not writable ({err.strerror})") from None
-        self.lock()
+            self.unlock()
+            raise RunError(f"{self.path}: workdir is not writable ({err.strerror}); choose another --workdir") \
+                from None
+        for name in ("config.json.tmp", "summary.json.tmp", "metrics.jsonl.tmp"):  # left by a kill
+            if os.path.exists(self.file(name)):
+                os.remove(self.file(name))
+        for probe in glob.glob(self.file(".write-probe-*")):
+            os.remove(probe)
         if restart:
             for name in os.listdir(self.path):
                 if name != ".lock":
@@ -119,7 +228,11 @@ class Workdir:
                                f"use --restart to start over or choose another --workdir")
 
     def lock(self) -> None:
-        self._lock = open(self.file(".lock"), "a+")
+        try:
+            self._lock = open(self.file(".lock"), "a+")
+        except OSError as err:
+            raise RunError(f"{self.path}: workdir is not writable ({err.strerror}); choose another --workdir") \
+                from None
         try:
             fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -146,10 +259,28 @@ class Workdir:
         os.replace(tmp, self.file("metrics.jsonl"))
 
     def append_metrics(self, row: dict) -> None:
+        line = json.dumps(row, sort_keys=True) + "\n"
         with open(self.file("metrics.jsonl"), "a") as handle:
-            handle.write(json.dumps(row, sort_keys=True) + "\n")
+            if any(fault(a, "metrics", row["epoch"]) is not None for a in ("kill", "enospc")):
+                handle.write(line[:len(line) // 2])
+                handle.flush()
+                _kill_at("metrics", row["epoch"])
+                _enospc_at("metrics", row["epoch"], handle.name)
+            handle.write(line)
             handle.flush()
             os.fsync(handle.fileno())
+
+    def metrics_epochs(self) -> list[int]:
+        """Epochs of the complete lines in metrics.jsonl (a line cut by a kill is skipped)."""
+        epochs = []
+        if os.path.exists(self.file("metrics.jsonl")):
+            with open(self.file("metrics.jsonl")) as handle:
+                for line in handle:
+                    try:
+                        epochs.append(int(json.loads(line)["epoch"]))
+                    except (ValueError, KeyError, TypeError):
+                        pass
+        return epochs
 
 
 @dataclasses.dataclass
@@ -205,6 +336,7 @@ class Experiment:
             tops = self.evaluate_split(params, self.graph, self.feats, *self.eval_arrays[name],
                                        jax.random.fold_in(key, i))
             results[name] = evaluation.metrics_from_tops(plan, tops, self.ds.n_users, self.ds.n_items)
+            _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
         return results
 
 
@@ -228,15 +360,59 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
     """Runs (or resumes) the run in ``workdir`` to completion; returns the summary dict.
 
     ``stop_after_epochs`` ends this invocation early after that many epochs (for tests of resume);
-    the workdir then resumes from there.
+    the workdir then resumes from there. A failing write (full disk, unwritable directory) raises
+    RunError; the newest checkpoint is then intact and the same call resumes from it.
     """
     wd = Workdir(workdir)
     identity = run_identity(cfg, ds)
     wd.prepare(identity, restart)
     try:
         return _train(cfg, ds, wd, identity, stop_after_epochs)
+    except ckpt_lib.CheckpointError as err:
+        raise RunError(f"{err}; the checkpoints already saved are untouched: fix this and rerun the same "
+                       f"command to resume") from None
+    except OSError as err:
+        raise RunError(f"{err.filename or wd.path}: write failed ({err.strerror}); the newest checkpoint is "
+                       f"intact: fix this and rerun the same command to resume") from None
     finally:
         wd.unlock()
+
+
+def _check_free_space(wd: Workdir, state) -> None:
+    """Refuses to start when the workdir's disk cannot hold one more checkpoint (plus 1 MiB)."""
+    need = 2 * ckpt_lib.state_bytes(state) + (1 << 20)
+    free = shutil.disk_usage(wd.path).free
+    if free < need:
+        raise RunError(f"{wd.path}: only {free / 2**20:.1f} MiB free on its disk, a checkpoint needs about "
+                       f"{need / 2**20:.1f} MiB; free space or choose another --workdir")
+
+
+def _restore(cfg, wd: Workdir, checkpoints: ckpt_lib.Checkpoints, state):
+    """(restored state or None, Progress) of the newest checkpoint that restores; RunError when there are
+    checkpoints (or metrics lines that prove one was saved) but none restores."""
+    restored, meta, skipped = checkpoints.restore_latest(ckpt_lib.abstract_like(state))
+    if restored is not None:
+        if skipped:
+            logging.warning("resuming from checkpoint %d (after epoch %d): newer checkpoint(s) %s cannot be "
+                            "restored and were moved to %s.unreadable", meta["epoch"], meta["epoch"] - 1,
+                            skipped, checkpoints.directory)
+        return restored, Progress(**meta)
+    if skipped:
+        raise RunError(f"{checkpoints.directory}: no checkpoint can be restored (tried {skipped}, all unreadable "
+                       f"or corrupted); use --restart to discard this run and start over")
+    proof = [e for e in wd.metrics_epochs() if (e + 1) % cfg.checkpoint_every == 0]
+    if proof:  # a checkpoint is saved before the metrics line of its epoch
+        raise RunError(f"{checkpoints.directory}: holds no checkpoint, but metrics.jsonl shows one was saved "
+                       f"after epoch {proof[-1]} (deleted?); use --restart to discard this run and start over")
+    return None, Progress()
+
+
+def _read_summary(path: str) -> Optional[dict]:
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
 
 
 def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
@@ -244,15 +420,9 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
     with jax.default_matmul_precision(cfg.matmul_precision):
         exp = Experiment(cfg, ds)
         state = exp.init_state()
+        _check_free_space(wd, state)
         checkpoints = ckpt_lib.Checkpoints(wd.file("checkpoints"), cfg.keep_checkpoints)
-        restored, meta, skipped = checkpoints.restore_latest(ckpt_lib.abstract_like(state))
-        if skipped and restored is not None:
-            logging.warning("resuming from checkpoint %d; skipped unreadable checkpoint(s) %s", meta["epoch"],
-                            skipped)
-        if skipped and restored is None:
-            raise RunError(f"{checkpoints.directory}: no checkpoint can be restored (tried {skipped}); "
-                           f"use --restart to start over")
-        progress = Progress(**meta) if meta else Progress()
+        restored, progress = _restore(cfg, wd, checkpoints, state)
         if restored is not None:
             state = restored
             logging.info("resumed %s at epoch %d", wd.path, progress.epoch)
@@ -263,20 +433,27 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
                                                    "n_users": ds.n_users, "n_items": ds.n_items})
         wd.rewrite_metrics(progress.history)
         summary_path = wd.file("summary.json")
-        if os.path.exists(summary_path) and progress.epoch and stopper.should_stop:
-            with open(summary_path) as handle:
-                return json.load(handle)
+        finished = stopper.should_stop or progress.epoch >= cfg.epochs
+        if finished:
+            old = _read_summary(summary_path)
+            if old and old.get("status") in FINISHED and old.get("epochs_run") == progress.epoch:
+                checkpoints.close()
+                return old  # a finished run: the same command only reports it
+        elif os.path.exists(summary_path):
+            os.remove(summary_path)  # from an earlier session (a non-finite stop, fewer epochs): stale now
 
         epochs_this_call = 0
-        status = "max_epochs"
-        while progress.epoch < cfg.epochs:
+        while not stopper.should_stop and progress.epoch < cfg.epochs:
             epoch = progress.epoch
             tick = time.time()
             show = progress_bar(epoch) if sys.stderr.isatty() else None
+            if fault("kill", "train", epoch) is not None:  # fault injection: SIGKILL halfway through
+                show = lambda done, total, epoch=epoch: done * 2 >= total and _kill_at("train", epoch)
             state, parts = exp.train_epoch(state, epoch, show)
             loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
             host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
-            check_finite(parts, host_state, epoch, summary_path, progress)
+            parts, host_state = _inject_nan(parts, host_state, epoch)  # no-op unless LGMREC_FAULT asks
+            check_finite(parts, host_state, epoch, summary_path, progress, checkpoints.steps())
             train_s = time.time() - tick
             row = {"epoch": epoch, "loss": loss, "train_s": round(train_s, 4)}
             stop = False
@@ -296,18 +473,19 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
                 meta = dataclasses.asdict(progress)
                 meta["wall_s"] = progress.wall_s + time.time() - started  # earlier sessions + this one
                 valid_value = row.get("valid", {}).get(cfg.valid_metric)
-                checkpoints.save(progress.epoch, host_state, meta, None if valid_value is None else round(valid_value, 4))
+                with _FaultInSave(epoch):  # no-op unless LGMREC_FAULT asks
+                    checkpoints.save(progress.epoch, host_state, meta,
+                                     None if valid_value is None else round(valid_value, 4))
+                _kill_at("saved", epoch)
             wd.append_metrics(row)
             epochs_this_call += 1
-            if stop:
-                status = "early_stopped"
-                break
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
+            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not stop \
+                    and progress.epoch < cfg.epochs:
                 checkpoints.close()
                 return {"status": "interrupted", "epoch": progress.epoch}
         checkpoints.close()
         summary = {
-            "status": status,
+            "status": "early_stopped" if stopper.should_stop else "max_epochs",
             "dataset": ds.name,
             "best_epoch": stopper.best_epoch,
             "best_valid": stopper.best_valid,
@@ -316,21 +494,36 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
             "valid_metric": cfg.valid_metric,
             "total_wall_s": round(progress.wall_s + time.time() - started, 3),
         }
-        write_json_atomic(summary_path, summary)
+        write_summary(summary_path, summary, progress.epoch - 1)
         return summary
 
 
-def check_finite(parts: np.ndarray, state, epoch: int, summary_path: str, progress: Progress) -> None:
-    """Stops the run on a NaN/inf loss or parameter; summary.json records why."""
+def write_summary(path: str, summary: dict, last_epoch: int) -> None:
+    """write_json_atomic with the kill:summary / enospc:summary fault points."""
+    if fault("kill", "summary", last_epoch) is not None or fault("enospc", "summary", last_epoch) is not None:
+        with open(f"{path}.tmp", "w") as handle:
+            handle.write(json.dumps(summary)[:40])
+        _kill_at("summary", last_epoch)
+        _enospc_at("summary", last_epoch, f"{path}.tmp")
+    write_json_atomic(path, summary)
+
+
+def check_finite(parts: np.ndarray, state, epoch: int, summary_path: str, progress: Progress,
+                 checkpoint_steps: Optional[list] = None) -> None:
+    """Stops the run on a NaN/inf loss or parameter; summary.json records why. ``checkpoint_steps``
+    are the saved checkpoints (default: one at ``progress.epoch``, as with checkpoint_every=1)."""
     bad_rows = np.flatnonzero(~np.isfinite(parts).all(axis=1))
     if not bad_rows.size and trainer.finite_state(state):
         return
     where = f"step {int(bad_rows[0])}" if bad_rows.size else "after its last step (parameters)"
-    reason = (f"non-finite loss or parameters in epoch {epoch}, {where}; the last good checkpoint "
-              f"(epoch {progress.epoch}) is kept")
-    write_json_atomic(summary_path, {"status": "non_finite", "reason": reason, "epoch": epoch,
-                                     "step": int(bad_rows[0]) if bad_rows.size else None,
-                                     "last_good_checkpoint_epoch": progress.epoch})
+    steps = list(checkpoint_steps) if checkpoint_steps is not None else ([progress.epoch] if progress.epoch else [])
+    last = steps[-1] if steps else None
+    kept = (f"the last good checkpoint (checkpoints/{last}, after {last} epochs) is kept" if last is not None
+            else "no checkpoint had been saved yet")
+    reason = f"non-finite loss or parameters in epoch {epoch}, {where}; {kept}"
+    write_summary(summary_path, {"status": "non_finite", "reason": reason, "epoch": epoch,
+                                 "step": int(bad_rows[0]) if bad_rows.size else None,
+                                 "last_good_checkpoint_epoch": last}, epoch)
     raise NonFiniteError(reason)
 
 

@@ -6,6 +6,11 @@
 The config starts from the dataset's module in lgmrec_jax/configs (baby, sports, clothing; the
 default otherwise); ``--config.KEY=VALUE`` overrides any key and unknown keys are errors. Running the
 same command on the same workdir resumes it; ``--restart`` starts over.
+
+Exit status: 0 done, 2 bad input or a run that cannot start or continue (one line ``error: ...`` on
+stderr: the dataset is read and checked first, before JAX is imported or the workdir is touched, so
+bad data fails fast and leaves nothing behind), 3 a NaN/inf loss or parameter (summary.json says
+where). A killed run resumes when the same command is run again (see run.py).
 """
 
 from __future__ import annotations
@@ -21,7 +26,6 @@ from ml_collections import config_flags
 from lgmrec_jax import configs
 from lgmrec_jax.configs import default as default_config
 from lgmrec_jax.data import DatasetError, load_dataset
-from lgmrec_jax.run import NonFiniteError, RunError, train_and_evaluate
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "synthetic", "Dataset name: a directory <data_dir>/<dataset>/ in MMRec format, "
@@ -46,8 +50,10 @@ def resolved_config(dataset: str):
 
 
 def validate_config(cfg) -> None:
+    """Raises run.RunError (one line) for a config that cannot run."""
     from lgmrec_jax.evaluation import EVAL_NOISE_MODES
     from lgmrec_jax.graph import KERNELS
+    from lgmrec_jax.run import RunError
 
     checks = [
         (cfg.eval_noise in EVAL_NOISE_MODES, f"eval_noise is {cfg.eval_noise!r}, expected one of {EVAL_NOISE_MODES}"),
@@ -76,10 +82,14 @@ def fail(message: str, code: int = 2):
 
 
 class QuietLibraries(py_logging.Filter):
-    """Keeps our INFO lines and drops the per-save INFO chatter of orbax and JAX's backend probing."""
+    """Keeps our INFO lines and drops the per-save INFO chatter of orbax and JAX's backend probing; orbax's
+    errors keep their one-line message but not their traceback (a failed save is reported by the run,
+    e.g. ``error: .../checkpoints: saving checkpoint 3 failed (No space left on device)``)."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
         noisy = "orbax" in record.pathname or "xla_bridge" in record.pathname
+        if noisy and record.exc_info:
+            record.exc_info, record.exc_text = None, None
         return record.levelno >= py_logging.WARNING or not noisy
 
 
@@ -93,10 +103,15 @@ def main(argv):
         fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
     setup_logging()
     workdir = FLAGS.workdir or os.path.join("runs", FLAGS.dataset)
+    cfg = resolved_config(FLAGS.dataset)
     try:
-        cfg = resolved_config(FLAGS.dataset)
-        validate_config(cfg)
         ds = load_dataset(FLAGS.data_dir, FLAGS.dataset)
+    except DatasetError as err:
+        fail(str(err))
+    from lgmrec_jax.run import NonFiniteError, RunError, train_and_evaluate  # JAX: only for good data
+
+    try:
+        validate_config(cfg)
         summary = train_and_evaluate(cfg, ds, workdir, restart=FLAGS.restart)
     except (DatasetError, RunError) as err:
         fail(str(err))
