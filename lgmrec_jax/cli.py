@@ -23,10 +23,14 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 
 class QuietLibraries(py_logging.Filter):
-    """Keeps our INFO lines; drops orbax's per-save and JAX's backend-probe INFO chatter."""
+    """Keeps our INFO lines; drops orbax's per-save and JAX's backend-probe INFO chatter. orbax's
+    errors keep their one-line message but not their traceback (a failed save is reported by the run,
+    e.g. ``error: .../checkpoints: saving checkpoint 3 failed (No space left on device)``)."""
 
     def filter(self, record: py_logging.LogRecord) -> bool:
         noisy = "orbax" in record.pathname or "xla_bridge" in record.pathname
+        if noisy and record.exc_info:
+            record.exc_info, record.exc_text = None, None
         return record.levelno >= py_logging.WARNING or not noisy
 
 

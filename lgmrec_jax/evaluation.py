@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lgmrec_jax import metrics as metrics_lib
+from lgmrec_jax.configs import EVAL_NOISE_MODES
 from lgmrec_jax.model import sample_noise
 
-EVAL_NOISE_MODES = ("per_block", "per_eval", "off")
 MASK_VALUE = -1e10  # the reference masks with -1e10, not -inf
 TOP_K = max(metrics_lib.TOPK)
 

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import sparse
 
-KERNELS = ("segment_sum", "bcoo")
+from lgmrec_jax.configs import KERNELS
+
 DEGREE_EPS = 1e-7
 
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from lgmrec_jax import __version__
 from lgmrec_jax import checkpoint as ckpt_lib
-from lgmrec_jax import evaluation, parallel, sampler as sampler_lib, trainer
+from lgmrec_jax import configs, evaluation, parallel, sampler as sampler_lib, trainer
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
@@ -303,6 +303,7 @@ class Experiment:
         self.graph = build_graph(ds.train, ds.n_users, ds.n_items)
         self.feats = trainer.device_features(ds)
         self.sampler = sampler_lib.NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
+        self.batches = sampler_lib.Prefetcher(self.sampler)  # epoch e + 1 is sampled while e trains
         self.runner = parallel.make_runner(self.model, self.optimizer, cfg)
         self.plans = {name: evaluation.plan_split(ds.train, pairs, ds.n_users, ds.n_items, cfg.eval_batch_size)
                       for name, pairs in (("valid", ds.valid), ("test", ds.test)) if len(pairs)}
@@ -316,7 +317,7 @@ class Experiment:
     def train_epoch(self, state, epoch: int, on_chunk=None):
         """Runs epoch ``epoch`` on a state in the runner's layout (``runner.put``); returns
         (state, per-batch loss parts as a (n_batches, 4) array)."""
-        batches = self.sampler.epoch(epoch)
+        batches = self.batches.epoch(epoch)
         key = trainer.stream_key(self.cfg.seed, trainer.TRAIN_STREAM, epoch)
         n = batches.users.shape[0]
         chunk = n if on_chunk is None else max(1, -(-n // 20))
@@ -363,6 +364,7 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
     the workdir then resumes from there. A failing write (full disk, unwritable directory) raises
     RunError; the newest checkpoint is then intact and the same call resumes from it.
     """
+    configs.validate(cfg)
     wd = Workdir(workdir)
     identity = run_identity(cfg, ds)
     wd.prepare(identity, restart)
@@ -432,6 +434,7 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
         write_json_atomic(wd.file("config.json"), {"identity": identity, "versions": versions(),
                                                    "n_users": ds.n_users, "n_items": ds.n_items})
         wd.rewrite_metrics(progress.history)
+        board = TensorBoard(wd.file("tensorboard"), progress.history) if cfg.tensorboard else None
         summary_path = wd.file("summary.json")
         finished = stopper.should_stop or progress.epoch >= cfg.epochs
         if finished:
@@ -478,12 +481,17 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
                                      None if valid_value is None else round(valid_value, 4))
                 _kill_at("saved", epoch)
             wd.append_metrics(row)
+            if board is not None:
+                board.write(row)
             epochs_this_call += 1
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not stop \
                     and progress.epoch < cfg.epochs:
                 checkpoints.close()
                 return {"status": "interrupted", "epoch": progress.epoch}
         checkpoints.close()
+        exp.batches.close()
+        if board is not None:
+            board.close()
         summary = {
             "status": "early_stopped" if stopper.should_stop else "max_epochs",
             "dataset": ds.name,
@@ -525,6 +533,39 @@ def check_finite(parts: np.ndarray, state, epoch: int, summary_path: str, progre
                                  "step": int(bad_rows[0]) if bad_rows.size else None,
                                  "last_good_checkpoint_epoch": last}, epoch)
     raise NonFiniteError(reason)
+
+
+class TensorBoard:
+    """Optional TensorBoard events beside metrics.jsonl (``config.tensorboard``, [tensorboard] extra).
+
+    The event file is rewritten from the run's history on every start, so a resumed run has no
+    duplicate or missing points.
+    """
+
+    SCALARS = ("recall@20", "ndcg@20")
+
+    def __init__(self, logdir: str, history: list):
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            raise RunError("config.tensorboard=True needs tensorboardX: pip install -e '.[tensorboard]'") from None
+        shutil.rmtree(logdir, ignore_errors=True)
+        self.writer = SummaryWriter(logdir)
+        for row in history:
+            self.write(row)
+
+    def write(self, row: dict) -> None:
+        epoch = row["epoch"]
+        for part, value in row["loss"].items():
+            self.writer.add_scalar(f"loss/{part}", value, epoch)
+        for split in ("valid", "test"):
+            for metric in self.SCALARS:
+                if metric in row.get(split, {}):
+                    self.writer.add_scalar(f"{split}/{metric}", row[split][metric], epoch)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def log_epoch(row: dict, stopper: EarlyStopping, metric: str) -> None:

@@ -37,12 +37,13 @@ def strip_timing(obj):
 def test_cli_run_leaves_all_outputs(synthetic_dir, tmp_path):
     workdir = tmp_path / "run"
     proc = cli("--dataset=synthetic_tiny", f"--data_dir={synthetic_dir}", f"--workdir={workdir}",
-               "--config.alpha=0.7")
+               "--config.alpha=0.7", "--num_devices=2")  # conftest's 4 fake devices: the pmap path
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
     config = json.loads((workdir / "config.json").read_text())
     rows = read_jsonl(workdir / "metrics.jsonl")
     assert config["identity"]["config"]["alpha"] == 0.7  # the override is recorded
+    assert config["identity"]["config"]["num_devices"] == 2
     assert config["identity"]["config"]["epochs"] == 6  # synthetic_tiny picks configs/tiny.py
     assert set(config["identity"]["dataset_files"]) == {"synthetic_tiny.inter", "image_feat.npy", "text_feat.npy"}
     assert "jax" in config["versions"]
@@ -136,3 +137,11 @@ def test_blocked_top_k_masks_training_items(synthetic_dir):
         is_train = [(int(user), i) in train for i in ranked]
         assert is_train == sorted(is_train)  # training items rank after every other item
         assert sum(is_train) == len({i for u, i in train if u == user})
+
+
+def test_tensorboard_events_follow_the_history(synthetic_dir, tmp_path):
+    pytest.importorskip("tensorboardX", reason="the [tensorboard] extra is not installed")
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    run_lib.train_and_evaluate(tiny_config(epochs=2, tensorboard=True), ds, str(tmp_path))
+    events = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]
+    assert len(events) == 1 and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0

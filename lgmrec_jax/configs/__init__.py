@@ -10,6 +10,14 @@ import importlib
 import ml_collections
 
 DATASET_CONFIGS = ("baby", "sports", "clothing", "tiny")
+EVAL_NOISE_MODES = ("per_block", "per_eval", "off")
+KERNELS = ("segment_sum", "bcoo")
+PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50))
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line."""
 
 
 def config_name(dataset: str) -> str:
@@ -20,3 +28,29 @@ def config_name(dataset: str) -> str:
 def for_dataset(dataset: str) -> ml_collections.ConfigDict:
     module = importlib.import_module(f"lgmrec_jax.configs.{config_name(dataset)}")
     return module.get_config()
+
+
+def validate(cfg: ml_collections.ConfigDict) -> None:
+    """Raises ConfigError naming the first key whose value cannot run (no JAX needed)."""
+    checks = [
+        (cfg.eval_noise in EVAL_NOISE_MODES, f"eval_noise is {cfg.eval_noise!r}, expected one of {EVAL_NOISE_MODES}"),
+        (cfg.kernel in KERNELS, f"kernel is {cfg.kernel!r}, expected one of {KERNELS}"),
+        (cfg.cf_model in ("lightgcn", "mf"), f"cf_model is {cfg.cf_model!r}, expected 'lightgcn' or 'mf'"),
+        (cfg.matmul_precision in PRECISIONS,
+         f"matmul_precision is {cfg.matmul_precision!r}, expected one of {PRECISIONS}"),
+        (0.0 < cfg.keep_rate <= 1.0, f"keep_rate is {cfg.keep_rate}, expected 0 < keep_rate <= 1"),
+        (cfg.n_hyper_layer >= 1, f"n_hyper_layer is {cfg.n_hyper_layer}, expected at least 1"),
+        (min(cfg.n_ui_layers, cfg.n_mm_layers) >= 0, "n_ui_layers and n_mm_layers must be >= 0"),
+        (cfg.hyper_num >= 1 and cfg.embedding_size >= 1, "hyper_num and embedding_size must be >= 1"),
+        (cfg.train_batch_size > 0 and cfg.eval_batch_size > 0, "batch sizes must be positive"),
+        (cfg.epochs >= 0 and cfg.eval_step >= 1 and cfg.checkpoint_every >= 1,
+         "epochs must be >= 0, eval_step and checkpoint_every >= 1"),
+        (cfg.stopping_step >= 0 and cfg.keep_checkpoints >= 1, "stopping_step >= 0 and keep_checkpoints >= 1"),
+        (cfg.num_devices >= 0, f"num_devices is {cfg.num_devices}, expected 0 (all local devices) or more"),
+        (cfg.feat_embed_dim == cfg.embedding_size,
+         f"feat_embed_dim ({cfg.feat_embed_dim}) must equal embedding_size ({cfg.embedding_size})"),
+        (cfg.valid_metric in METRIC_KEYS, f"valid_metric is {cfg.valid_metric!r}, expected e.g. recall@20"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"config: {message}")
