@@ -3,7 +3,8 @@
 A batch has a fixed row count so that the last partial batch of an epoch shares the compiled step;
 ``batch.mask`` marks the real rows. Padded rows contribute nothing, and every divisor is the real
 row count, so a padded partial batch gives exactly the reference's loss and gradient. The per-row
-terms are written for one row and vectorised with ``jax.vmap``.
+terms are written for one row and vectorised with ``jax.vmap``, except the InfoNCE denominators,
+which are one matmul (see log_sum_exp_scores for why).
 """
 
 from __future__ import annotations
@@ -35,15 +36,46 @@ def bpr_row(user, pos, neg):
     return -jax.nn.log_sigmoid(jnp.dot(user, pos) - jnp.dot(user, neg))
 
 
-def infonce_row(anchor, positive, candidates_normed, tau=TAU):
-    """-log(exp(<a,p>/tau) / sum_k exp(<a,z_k>/tau)) for one row; the sum includes the positive."""
-    a, p = l2_normalize(anchor), l2_normalize(positive)
-    return jax.nn.logsumexp(candidates_normed @ a / tau) - jnp.dot(a, p) / tau
+@jax.custom_vjp
+def log_sum_exp_scores(anchors, candidates):
+    """log sum_k exp(<a_b, z_k>) per row of unit-norm ``anchors`` (already divided by tau).
+
+    All rows are unit vectors, so every logit lies in [-1/tau, 1/tau] = [-5, 5] and the reference's
+    plain log(sum(exp)) cannot overflow. Written as one (B x K) matmul with a hand-written VJP: the
+    vmapped per-row form compiled to batched mat-vecs and measured ~4x slower per epoch on CPU
+    (experiments/results/bench_cpu.md, patch "infonce_matmul").
+    """
+    return jnp.log(jnp.sum(jnp.exp(anchors @ candidates.T), axis=1))
 
 
-def infonce(anchors, positives, candidates, mask):
-    """Summed (not averaged) InfoNCE over the real rows of a batch."""
-    per_row = jax.vmap(infonce_row, in_axes=(0, 0, None))(anchors, positives, l2_normalize(candidates))
+def _lse_fwd(anchors, candidates):
+    e = jnp.exp(anchors @ candidates.T)
+    total = jnp.sum(e, axis=1)
+    return jnp.log(total), (anchors, candidates, e, total)
+
+
+def _lse_bwd(res, g):
+    anchors, candidates, e, total = res
+    scale = (g / total)[:, None]
+    # Scale the (B x d) operands, not the (B x K) matrix; computing (d x B)(B x K) and transposing the
+    # small result avoids a transpose of e (the barrier keeps XLA from folding it back).
+    return (e @ candidates) * scale, jax.lax.optimization_barrier((anchors * scale).T @ e).T
+
+
+log_sum_exp_scores.defvjp(_lse_fwd, _lse_bwd)
+
+
+def alignment_row(anchor, positive, tau=TAU):
+    """<a, p> / tau for one row of unit vectors: the numerator's log."""
+    return jnp.dot(anchor, positive) / tau
+
+
+def infonce(anchors, positives, candidates, mask, tau=TAU):
+    """Summed (not averaged) InfoNCE over the real rows of a batch:
+    -log(exp(<a,p>/tau) / sum_k exp(<a,z_k>/tau)), the sum running over all candidates including
+    the positive; anchor, positive and candidates are L2-normalised first."""
+    a, p, z = l2_normalize(anchors), l2_normalize(positives), l2_normalize(candidates)
+    per_row = log_sum_exp_scores(a / tau, z) - jax.vmap(alignment_row, in_axes=(0, 0, None))(a, p, tau)
     return jnp.sum(per_row * mask)
 
 
