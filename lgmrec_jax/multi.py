@@ -2,28 +2,37 @@
 
 Configs that differ only in per-config values (:data:`TRACED_KEYS` enter the program as (K,) arrays,
 :data:`HOST_KEYS` live on the host) share every array shape, so K of them are stacked along a
-leading axis and trained in lockstep: one ``lax.scan`` over the epoch's steps of ``vmap`` over the
-configs of the single-run step (:func:`lgmrec_jax.trainer.make_train_step`, the same code a single
-run compiles), and across local devices ``pmap`` of that. Config k is built from its own seed
-exactly as a single run: its initial parameters from ``stream_key(seed_k, INIT_STREAM)``, its
-batches from ``NegativeSampler(..., seed_k).epoch(e)``, its step keys from
-``stream_key(seed_k, TRAIN_STREAM, e)`` folded with the step, its evaluation keys from
-``stream_key(seed_k, EVAL_STREAM, e)``. So config k of a group reproduces the single run with the
-same config, up to float32 reassociation where XLA batches a product differently.
+leading axis and trained in lockstep: one ``lax.scan`` over the epoch's steps, each step running
+the single run's step (:func:`lgmrec_jax.trainer.make_train_step`, the same code) for every config,
+and across local devices ``pmap`` of that. Config k is built from its own seed exactly as a single
+run: initial parameters from ``stream_key(seed_k, INIT_STREAM)``, batches from
+``NegativeSampler(..., seed_k).epoch(e)``, step keys from ``stream_key(seed_k, TRAIN_STREAM, e)``
+folded with the step, evaluation keys from ``stream_key(seed_k, EVAL_STREAM, e)``.
 
-Each config keeps its own early stopping on the host. A finished config is masked out (its state is
-kept unchanged with ``jnp.where`` on an ``active`` vector) and, once at most half of a group's slots
-are active, the group is repacked into a smaller program holding only the active configs
-(``repack``), so finished configs stop costing compute after at most log2(K) recompilations.
+How the configs share a step (``batching``, :data:`BATCHINGS`):
+  map           one after another inside the program (``lax.map`` over the configs), a finished
+                config skipped by ``lax.cond``. With the traced keys on which the group agrees
+                compiled in as constants (:func:`uniform_values`), a config's numbers are bitwise
+                those of its single run (measured: the 8-seed grid on synthetic_tiny and on
+                synthetic_baby, experiments/results/bench_grid_cpu.md). A value that varies in the
+                group is traced, and XLA cannot fold it as it folds a single run's constant
+                (e.g. cl_weight into the InfoNCE gradient's 1/tau): equal to float32 reassociation.
+  vmap          batched with ``vmap``: a shared feature matrix times all configs' projection and
+                hyperedge weights is one matmul over their columns (JAX's batching of a dot with
+                one unbatched operand), the rest is batched per config. Equal to the single runs
+                to float32 reassociation per step; over epochs Adam's normalisation of
+                near-cancelling gradients lets the trajectories drift apart (measured on baby).
+  vmap_columns  vmap with :class:`ColumnOps`: each sparse propagation once over all configs'
+                columns, (n, K*d), instead of a gather/scatter with the config axis in its windows.
+A finished config is masked out (its state kept with ``jnp.where`` on an ``active`` vector) under
+vmap, and once at most half of a group's slots are active the group is repacked into a smaller
+program (``repack``), so finished configs stop costing compute after at most log2(K) recompiles.
 
-Outputs per config are those of a single run (``config.json``, ``metrics.jsonl``,
-``summary.json``) in its own workdir; the stacked state of a group is checkpointed with orbax in
-the group's directory, with every config's early-stopping state and history in the checkpoint's
-JSON block, so a killed group resumes where it was.
-
-Measured (experiments/results/bench_grid_cpu.md): a plain ``vmap`` of the step batches the
-feature products automatically (one operand is shared, so XLA folds the config axis into one
-matmul), but the sparse propagations become gathers/scatters with a config axis.
+Each config keeps its own early stopping on the host and gets the files of a single run
+(``config.json``, ``metrics.jsonl``, ``summary.json``) in its own workdir; the stacked state of a
+group is checkpointed with orbax in the group's directory (by this process alone), with every
+config's early-stopping state and history in the checkpoint's JSON block, so a killed group resumes
+where it was. The host samples the next epoch's batches of all configs while the device trains.
 """
 
 from __future__ import annotations
@@ -160,13 +169,27 @@ class ColumnOps:
         return a.T @ b
 
 
-PROPAGATIONS = ("vmap", "columns")
+# How a group's configs share a program (see the module docstring):
+#   map           one after another inside the program (lax.map over the configs of each step):
+#                 bitwise the single run's numbers where the group's values are uniform (compiled in
+#                 as constants); a finished config is skipped (lax.cond)
+#   vmap          batched (vmap over configs): the feature matmuls are shared (one matmul over all
+#                 configs' columns); numbers equal the single run's up to float32 reassociation
+#   vmap_columns  vmap with ColumnOps: each sparse propagation also once over all configs' columns
+BATCHINGS = ("map", "vmap", "vmap_columns")
 
 
 def program_key(cfg) -> str:
     """Configs with equal keys share one compiled program (every array shape and static choice)."""
     d = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     return json.dumps({k: v for k, v in d.items() if k not in PER_CONFIG_KEYS}, sort_keys=True)
+
+
+def uniform_values(cfgs) -> dict:
+    """The traced keys on which all ``cfgs`` agree: compiled in as constants, exactly as a single run
+    compiles them (XLA folds constants, e.g. cl_weight into the InfoNCE gradient's 1/tau, so a traced
+    copy of the same value can round differently); only the values that vary are traced."""
+    return {k: cfgs[0][k] for k in TRACED_KEYS if all(c[k] == cfgs[0][k] for c in cfgs)}
 
 
 def hyper_of(cfgs) -> Hyper:
@@ -204,7 +227,8 @@ class MultiProgram:
     """
 
     def __init__(self, cfg, ds: Dataset, n_devices: int = 1, eval_chunk: Optional[int] = None,
-                 experiment: Optional[run_lib.Experiment] = None, propagation: str = "vmap"):
+                 experiment: Optional[run_lib.Experiment] = None, batching: str = "map",
+                 uniform: Optional[dict] = None):
         self.cfg = cfg
         if cfg.num_devices != 1:
             raise GroupError(f"num_devices is {cfg.num_devices}: a group spreads whole configs over devices "
@@ -212,15 +236,17 @@ class MultiProgram:
         exp = experiment or run_lib.Experiment(cfg, ds)
         self.ds = ds
         self.model, self.graph, self.feats = exp.model, exp.graph, exp.feats
-        if propagation not in PROPAGATIONS:
-            raise GroupError(f"propagation is {propagation!r}, expected one of {PROPAGATIONS}")
-        if propagation == "columns":
+        if batching not in BATCHINGS:
+            raise GroupError(f"batching is {batching!r}, expected one of {BATCHINGS}")
+        self.batching = batching
+        self.uniform = dict(uniform or {})  # traced keys compiled in as constants (uniform_values)
+        if batching == "vmap_columns":
             if cfg.kernel != "segment_sum":
-                raise GroupError("propagation 'columns' computes with the segment_sum kernel; set kernel=segment_sum")
+                raise GroupError("batching 'vmap_columns' computes with the segment_sum kernel; set kernel=segment_sum")
             self.model = self.model.clone(ops=ColumnOps())
         self.plans, self.eval_arrays = exp.plans, exp.eval_arrays
         self.n_devices = n_devices
-        self.eval_chunk = eval_chunk or auto_eval_chunk(cfg, ds)
+        self.eval_chunk = eval_chunk or auto_eval_chunk(cfg, ds)  # vmap: configs evaluated at once
         self.devices = jax.local_devices()[:n_devices]
         if len(self.devices) < n_devices:
             raise GroupError(f"{n_devices} devices requested, {len(self.devices)} local devices available")
@@ -235,7 +261,7 @@ class MultiProgram:
         else:  # graph and features copied to every device once, not broadcast on every call
             self._init = jax.pmap(init, devices=self.devices)
             self._epoch = jax.pmap(epoch, donate_argnums=(0,), devices=self.devices)
-            self._eval = jax.pmap(evaluate, in_axes=(0, 0, 0, 0, 0, None, None, None, 0), devices=self.devices)
+            self._eval = jax.pmap(evaluate, in_axes=(0, 0, 0, 0, 0, None, None, None, 0, 0), devices=self.devices)
             self._graph, self._feats = self._replicate(self.graph), self._replicate(self.feats)
         self._stream_keys = jax.jit(jax.vmap(trainer.stream_key, in_axes=(0, None, None)), static_argnums=(1,))
 
@@ -262,8 +288,11 @@ class MultiProgram:
         return jax.tree_util.tree_map(lambda x: np.asarray(x).reshape((-1,) + np.shape(x)[2:]), tree)
 
     # -- per-config pieces (traced inside vmap) ---------------------------------------------------
+    def _value(self, hyper: Hyper, key: str):
+        return self.uniform[key] if key in self.uniform else getattr(hyper, key)
+
     def _config_model(self, alpha, keep_rate):
-        return self.model.clone(alpha=alpha, keep_rate=keep_rate)
+        return self.model.clone(alpha=self.uniform.get("alpha", alpha), keep_rate=self.uniform.get("keep_rate", keep_rate))
 
     def _init_one(self, seed):
         key = trainer.stream_key(seed, trainer.INIT_STREAM)
@@ -274,32 +303,53 @@ class MultiProgram:
 
     def _config_step(self, state, hyper: Hyper, graph, feats, batch, key):
         model = self._config_model(hyper.alpha, hyper.keep_rate)
-        optimizer = optax.adam(hyper.learning_rate)  # = trainer.make_optimizer with a traced rate
-        step = trainer.make_train_step(model, optimizer, _LossWeights(hyper.cl_weight, hyper.reg_weight))
+        optimizer = optax.adam(self._value(hyper, "learning_rate"))  # = trainer.make_optimizer, rate maybe traced
+        weights = _LossWeights(self._value(hyper, "cl_weight"), self._value(hyper, "reg_weight"))
+        step = trainer.make_train_step(model, optimizer, weights)
         return step(state, graph, feats, batch, key)
 
     def _device_epoch(self, states, hyper, graph, feats, batches, keys, active):
         """states (k,...), batches (k, n_batches, B), keys (k, 2) -> states, parts (k, n_b, 4), finite (k,)."""
         n_batches = batches.users.shape[1]
         per_step = jax.tree_util.tree_map(lambda a: jnp.swapaxes(a, 0, 1), batches)
+        skipped = losses.LossParts(*(jnp.zeros((), jnp.float32) for _ in losses.LossParts._fields))
+
+        def one_config(args):  # "map": the single run's step, or nothing for a finished config
+            state, h, batch, key, act = args
+            return jax.lax.cond(act, lambda: self._config_step(state, h, graph, feats, batch, key),
+                                lambda: (state, skipped))
+
         vstep = jax.vmap(self._config_step, in_axes=(0, 0, None, None, 0, 0))
 
         def body(carry, xs):
             batch, step = xs
             step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
-            new, parts = vstep(carry, hyper, graph, feats, batch, step_keys)
-            return _keep_active(active, new, carry), jnp.stack(parts, axis=-1)
+            if self.batching == "map":
+                new, parts = jax.lax.map(one_config, (carry, hyper, batch, step_keys, active))
+            else:
+                new, parts = vstep(carry, hyper, graph, feats, batch, step_keys)
+                new = _keep_active(active, new, carry)
+            return new, jnp.stack(parts, axis=-1)
 
         states, parts = jax.lax.scan(body, states, (per_step, jnp.arange(n_batches)))
         return states, jnp.swapaxes(parts, 0, 1), _finite_per_config(states.params)
 
-    def _device_eval(self, params, alpha, keep_rate, graph, feats, block_users, mask_rows, mask_cols, keys):
-        def one(args):
-            p, a, kr, key = args
-            evaluate = evaluation.make_split_evaluator(self._config_model(a, kr), self.cfg.eval_noise)
-            return evaluate(p, graph, feats, block_users, mask_rows, mask_cols, key)
+    def _device_eval(self, params, alpha, keep_rate, graph, feats, block_users, mask_rows, mask_cols, keys,
+                     active):
+        def evaluate(p, a, kr, key):
+            split = evaluation.make_split_evaluator(self._config_model(a, kr), self.cfg.eval_noise)
+            return split(p, graph, feats, block_users, mask_rows, mask_cols, key)
 
-        xs = (params, alpha, keep_rate, keys)
+        def one(args):
+            p, a, kr, key, act = args
+            if self.batching != "map":
+                return evaluate(p, a, kr, key)
+            out = jax.eval_shape(evaluate, p, a, kr, key)
+            return jax.lax.cond(act, lambda: evaluate(p, a, kr, key), lambda: jnp.zeros(out.shape, out.dtype))
+
+        xs = (params, alpha, keep_rate, keys, active)
+        if self.batching == "map":
+            return jax.lax.map(one, xs)
         if self.eval_chunk < alpha.shape[0]:
             return jax.lax.map(one, xs, batch_size=self.eval_chunk)
         return jax.vmap(lambda *a: one(a))(*xs)
@@ -318,15 +368,17 @@ class MultiProgram:
                                             self.put(np.asarray(keys)), self.put(np.asarray(active)))
         return states, self.get(parts), self.get(finite)
 
-    def evaluate(self, states, hyper: Hyper, seeds, epoch: int) -> list[dict]:
-        """Valid/test metric dicts per config, with the single run's keys."""
+    def evaluate(self, states, hyper: Hyper, seeds, epoch: int, active=None) -> list[dict]:
+        """Valid/test metric dicts per config (None for inactive ones), with the single run's keys."""
         keys = np.asarray(self.epoch_keys(seeds, trainer.EVAL_STREAM, epoch))
-        results = [dict() for _ in seeds]
+        active = np.ones(len(seeds), bool) if active is None else np.asarray(active)
+        results = [dict() if act else None for act in active]
         for i, (name, plan) in enumerate(self.plans.items()):
             split_keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i))
             tops = self.get(self._eval(states.params, self.put(hyper.alpha), self.put(hyper.keep_rate),
-                                       self._graph, self._feats, *self.eval_arrays[name], self.put(split_keys)))
-            for k in range(len(seeds)):
+                                       self._graph, self._feats, *self.eval_arrays[name], self.put(split_keys),
+                                       self.put(active)))
+            for k in np.flatnonzero(active):
                 results[k][name] = evaluation.metrics_from_tops(plan, tops[k], self.ds.n_users, self.ds.n_items)
         return results
 
@@ -384,7 +436,7 @@ def _padded(items: list, multiple: int) -> list:
 def train_group(members: list[Member], ds: Dataset, group_dir: str, n_devices: int = 1, repack: bool = True,
                 eval_chunk: Optional[int] = None, stop_after_epochs: Optional[int] = None,
                 checksums: Optional[dict] = None, on_epoch: Optional[Callable[[dict], None]] = None,
-                propagation: str = "vmap") -> dict:
+                batching: str = "map") -> dict:
     """Trains (or resumes) every unfinished member; returns {cid: summary} ({"status": "interrupted"}
     for members left unfinished by ``stop_after_epochs``)."""
     if not members:
@@ -401,7 +453,7 @@ def train_group(members: list[Member], ds: Dataset, group_dir: str, n_devices: i
             locked.append(workdirs[m.cid])
         with jax.default_matmul_precision(members[0].cfg.matmul_precision):
             return _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk,
-                                stop_after_epochs, checksums, on_epoch, propagation)
+                                stop_after_epochs, checksums, on_epoch, batching)
     finally:
         for wd in locked:
             wd.unlock()
@@ -426,13 +478,15 @@ def _summary(cfg, ds: Dataset, stopper: EarlyStopping, progress: _ConfigProgress
 
 
 def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk, stop_after_epochs,
-                 checksums, on_epoch, propagation) -> dict:
+                 checksums, on_epoch, batching) -> dict:
     by_id = {m.cid: m for m in members}
     summaries = {m.cid: read_summary(m.workdir) for m in members}
     if all(summaries.values()):
         return summaries  # every member finished in an earlier call
     cfg0 = members[0].cfg
-    prog = MultiProgram(cfg0, ds, n_devices, eval_chunk, propagation=propagation)
+    prog = MultiProgram(cfg0, ds, n_devices, eval_chunk, batching=batching,
+                        uniform=uniform_values([m.cfg for m in members]))
+    repack = repack and batching != "map"  # under map a finished config costs nothing already
     checkpoints = GroupCheckpoints(os.path.join(group_dir, "checkpoints"), cfg0.keep_checkpoints)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="group-sampler")
     try:
@@ -510,7 +564,7 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
             eval_s = 0.0
             if evaluated:
                 tick_eval = time.time()
-                results = prog.evaluate(states, hyper, seeds, epoch)
+                results = prog.evaluate(states, hyper, seeds, epoch, np.array([c in rows for c in slots]))
                 eval_s = time.time() - tick_eval
             for k, cid in enumerate(slots):
                 if cid not in rows:
@@ -558,9 +612,12 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
             if on_epoch is not None:
                 on_epoch({"epoch": epoch - 1, "slots": len(slots), "active": int(active.sum()),
                           "train_s": train_s, "eval_s": eval_s, "wall_s": wall})
-            logging.info("group %s epoch %4d  %d/%d configs active  train %.2fs  eval %.2fs  best %s",
-                         os.path.basename(group_dir), epoch - 1, int(active.sum()), len(slots), train_s, eval_s,
-                         " ".join(f"{stoppers[c].best:.4f}" for c in slots if c in rows))
+            bests = sorted(stoppers[c].best for c in slots if c in rows)
+            logging.info("group %s epoch %4d  %d/%d configs active  train %.2fs  eval %.2fs  best valid %s "
+                         "min/median/max %s  %d finished", os.path.basename(group_dir), epoch - 1,
+                         int(active.sum()), len(slots), train_s, eval_s, cfg0.valid_metric,
+                         "/".join(f"{x:.4f}" for x in (bests[0], bests[len(bests) // 2], bests[-1])) if bests else "-",
+                         len(finished))
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
                 break
         for cid in progress:

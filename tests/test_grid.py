@@ -1,0 +1,359 @@
+"""The grid engine: a seeds grid as one program equals single runs; shards, merge, resume, repack,
+devices, two processes, tables and config validation.
+
+Compiled programs are the cost here, so the module shares a persistent compilation cache and
+most mechanics use a feature-less copy of synthetic_tiny ("plain": LightGCN-only, small programs).
+"""
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import REPO
+from experiments import grid as grid_lib
+from experiments import grid_merge
+from lgmrec_jax import configs, run as run_lib
+from lgmrec_jax.data import load_dataset
+
+TIMING_KEYS = ("train_s", "eval_s", "total_wall_s")
+TINY = {"epochs": 3, "stopping_step": 100}
+PLAIN = {"epochs": 2, "stopping_step": 100, "train_batch_size": 128, "eval_batch_size": 16,
+         "embedding_size": 8, "feat_embed_dim": 8, "keep_checkpoints": 2}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """A persistent compilation cache for this module; the previous settings are restored after."""
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    old = {n: getattr(jax.config, n) for n in names}
+    path = os.environ.get("LGMREC_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
+    grid_lib.setup_compilation_cache(path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield path
+    for n, v in old.items():
+        jax.config.update(n, v)
+
+
+@pytest.fixture(scope="module")
+def plain_dir(synthetic_dir, tmp_path_factory):
+    """A data_dir with "plain": synthetic_tiny's interactions without feature files."""
+    data_dir = tmp_path_factory.mktemp("plain_data")
+    os.makedirs(data_dir / "plain")
+    shutil.copy(os.path.join(synthetic_dir, "synthetic_tiny", "synthetic_tiny.inter"), data_dir / "plain" / "plain.inter")
+    return str(data_dir)
+
+
+def grid_file(tmp_path, body: str, name="g.py") -> str:
+    path = tmp_path / name
+    path.write_text(body)
+    return str(path)
+
+
+ALPHA_SEEDS = """
+def sweep(add):
+    for alpha in (0.3, 0.7):
+        for seed in (0, 1):
+            add(alpha=alpha, seed=seed)
+"""
+
+
+def read_jsonl(path):
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
+def strip_timing(obj):
+    if isinstance(obj, dict):
+        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
+    if isinstance(obj, list):
+        return [strip_timing(v) for v in obj]
+    return obj
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def config_outputs(workdir, cid):
+    d = os.path.join(workdir, "configs", cid)
+    return strip_timing(read_jsonl(os.path.join(d, "metrics.jsonl"))), strip_timing(
+        json.load(open(os.path.join(d, "summary.json"))))
+
+
+def assert_close_runs(rows_a, rows_b, rtol=2e-5):
+    """Equal epochs, evaluation metrics equal, losses equal up to float32 reassociation."""
+    assert [r["epoch"] for r in rows_a] == [r["epoch"] for r in rows_b]
+    for a, b in zip(rows_a, rows_b):
+        np.testing.assert_allclose([a["loss"][k] for k in sorted(a["loss"])],
+                                   [b["loss"][k] for k in sorted(b["loss"])], rtol=rtol)
+        assert {k: v for k, v in a.items() if k != "loss"} == {k: v for k, v in b.items() if k != "loss"}
+
+
+def test_seed_grid_is_one_program_equal_to_single_runs(synthetic_dir, tmp_path):
+    """The shipped 8-seed grid on synthetic_tiny: one group, and each seed's metrics.jsonl and
+    summary.json equal those of a single run with that seed."""
+    result = grid_lib.run_grid("seeds", "synthetic_tiny", synthetic_dir, str(tmp_path / "grid"), TINY)
+    assert len(result["summaries"]) == 8
+    groups = {json.load(open(tmp_path / "grid" / "configs" / cid / "config.json"))["grid"]["group"]
+              for cid in result["summaries"]}
+    assert len(groups) == 1  # the 8 seeds ran as one program
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    for seed in range(8):
+        cfg = configs.for_dataset("synthetic_tiny")
+        cfg.update(TINY, seed=seed)
+        single = run_lib.train_and_evaluate(cfg, ds, str(tmp_path / f"single{seed}"))
+        rows, summary = config_outputs(tmp_path / "grid", f"seed={seed}")
+        assert summary == strip_timing(single)
+        # batching=map (the default): bitwise the single run's numbers, losses included
+        assert rows == strip_timing(read_jsonl(tmp_path / f"single{seed}" / "metrics.jsonl"))
+        grid_cfg = json.load(open(tmp_path / "grid" / "configs" / f"seed={seed}" / "config.json"))
+        single_cfg = json.load(open(tmp_path / f"single{seed}" / "config.json"))
+        assert grid_cfg["identity"] == single_cfg["identity"]  # the same resolved config and dataset
+    table = read_csv(tmp_path / "grid" / "results.csv")
+    assert [r["seed"] for r in table] == [str(s) for s in range(8)]
+    assert "8/8" in (tmp_path / "grid" / "results.md").read_text()
+
+
+def test_shards_merge_into_the_unsharded_tables(plain_dir, tmp_path):
+    g = grid_file(tmp_path, ALPHA_SEEDS)
+    whole = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "whole"), PLAIN)
+    parts = [grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / f"host{i}"), PLAIN, shard=(i, 2))
+             for i in range(2)]
+    assert sorted(parts[0]["configs"] + parts[1]["configs"]) == sorted(whole["configs"])
+    assert not set(parts[0]["configs"]) & set(parts[1]["configs"])
+    assert os.path.exists(tmp_path / "host1" / "shards" / "1-of-2" / "results.csv")
+
+    with pytest.raises(grid_lib.GridError, match="2 of 4 configs have no final result"):
+        grid_merge.merge([str(tmp_path / "host0")], str(tmp_path / "partial"))
+    partial = grid_merge.merge([str(tmp_path / "host0")], str(tmp_path / "partial"), allow_partial=True)
+    assert partial["missing"] == 2
+    assert sorted(r["status"] for r in read_csv(tmp_path / "partial" / "results.csv")).count("missing") == 2
+
+    merged = grid_merge.merge([str(tmp_path / "host0"), str(tmp_path / "host1")], str(tmp_path / "merged"))
+    assert merged["missing"] == 0 and merged["copied"] == 4
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "total_wall_s"} for r in rows]
+    assert drop(read_csv(tmp_path / "merged" / "results.csv")) == drop(read_csv(tmp_path / "whole" / "results.csv"))
+    for cid in whole["configs"]:  # sharding changes no number
+        assert config_outputs(tmp_path / "merged", cid)[1] == config_outputs(tmp_path / "whole", cid)[1]
+    md = (tmp_path / "merged" / "results.md").read_text()
+    assert md.count("| ★ |") == 1 and "selects on the test set" in md
+
+
+def test_killed_group_resumes_and_finished_configs_are_skipped(plain_dir, tmp_path):
+    g = grid_file(tmp_path, ALPHA_SEEDS)
+    kw = dict(base_overrides=PLAIN, shard=(0, 2))
+    straight = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "a"), **kw)
+    interrupted = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "b"), stop_after_epochs=1, **kw)
+    assert {s["status"] for s in interrupted["summaries"].values()} == {"interrupted"}
+    resumed = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "b"), **kw)
+    for cid in straight["configs"]:
+        assert strip_timing(resumed["summaries"][cid]) == strip_timing(straight["summaries"][cid])
+        assert config_outputs(tmp_path / "b", cid) == config_outputs(tmp_path / "a", cid)
+    metrics = tmp_path / "b" / "configs" / straight["configs"][0] / "metrics.jsonl"
+    before = metrics.stat().st_mtime_ns
+    again = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "b"), **kw)  # all finished: nothing runs
+    assert metrics.stat().st_mtime_ns == before
+    assert strip_timing(again["summaries"]) == strip_timing(resumed["summaries"])
+
+
+def test_repacked_group_equals_masked_group(plain_dir, tmp_path, caplog):
+    """vmap: two configs stop after 1 epoch, the group shrinks to the other two, which are unaffected."""
+    g = grid_file(tmp_path, """
+def sweep(add):
+    for seed in (0, 1):
+        add(seed=seed, epochs=1)
+        add(seed=seed, alpha=0.7)
+""")
+    caplog.set_level("INFO")
+    packed = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "packed"), PLAIN, batching="vmap")
+    assert "repacked to 2 slots (2 active)" in caplog.text
+    grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "masked"), PLAIN, batching="vmap", repack=False)
+    for cid in packed["configs"]:
+        rows_p, summary_p = config_outputs(tmp_path / "packed", cid)
+        rows_m, summary_m = config_outputs(tmp_path / "masked", cid)
+        assert summary_p == summary_m
+        assert_close_runs(rows_p, rows_m)
+    assert {s["epochs_run"] for s in packed["summaries"].values()} == {1, 2}
+
+
+def test_devices_and_batchings_give_the_same_results(plain_dir, tmp_path):
+    """map on one device against: map over 2 devices, vmap, vmap with column propagation."""
+    g = grid_file(tmp_path, ALPHA_SEEDS)
+    one = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "one"), PLAIN, shard=(0, 2))
+    grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "two"), PLAIN, shard=(0, 2), devices=2)
+    for batching in ("vmap", "vmap_columns"):
+        grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / batching), PLAIN, shard=(0, 2), batching=batching)
+    for cid in one["configs"]:
+        rows_1, summary_1 = config_outputs(tmp_path / "one", cid)
+        for other in ("two", "vmap", "vmap_columns"):
+            rows_2, summary_2 = config_outputs(tmp_path / other, cid)
+            assert summary_1 == summary_2
+            assert_close_runs(rows_1, rows_2)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_split_the_grid(plain_dir, tmp_path, compilation_cache):
+    g = grid_file(tmp_path, ALPHA_SEEDS)
+    port = free_port()
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    common = ["--dataset=plain", f"--data_dir={plain_dir}", f"--grid={g}", f"--workdir={tmp_path / 'wd'}",
+              f"--coordinator_address=localhost:{port}", "--num_processes=2",
+              f"--compilation_cache_dir={compilation_cache}"] + [f"--config.{k}={v}" for k, v in PLAIN.items()]
+    procs = [subprocess.Popen([sys.executable, "-m", "experiments.grid", *common, f"--process_id={i}"], cwd=REPO,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    printed = [json.loads(out[out.index("{\n"):]) for out, _ in outs]
+    assert {p["tables"].rsplit("/", 1)[-1] for p in printed} == {"0-of-2", "1-of-2"}
+    merged = grid_merge.merge([str(tmp_path / "wd")])
+    assert merged["missing"] == 0 and merged["configs"] == 4
+
+
+def test_tables_mean_std_and_selection_by_validation(tmp_path):
+    manifest = {"grid": "g", "dataset": "d", "swept": ["alpha"], "valid_metric": "recall@20"}
+
+    def row(alpha, seed, valid, test):
+        overrides = {"alpha": alpha, "seed": seed}
+        return {"config_id": f"alpha={alpha},seed={seed}", "label": f"alpha={alpha}", "seed": seed,
+                "setting": json.dumps({"alpha": alpha}), "overrides": overrides, "source": None,
+                "status": "early_stopped", "best_epoch": 3, "epochs_run": 10, "total_wall_s": 1.0,
+                "valid_recall@20": valid, "valid_ndcg@20": 0.1, "test_recall@10": 0.1, "test_recall@20": test,
+                "test_ndcg@10": 0.1, "test_ndcg@20": 0.05, "test_precision@20": 0.01, "test_map@20": 0.02}
+
+    rows = [row(0.1, 0, 0.10, 0.30), row(0.1, 1, 0.12, 0.30), row(0.5, 0, 0.20, 0.20), row(0.5, 1, 0.22, 0.20)]
+    written = grid_lib.write_tables(manifest, rows, str(tmp_path))
+    md = (tmp_path / "results.md").read_text()
+    best_line = next(line for line in md.splitlines() if line.startswith("| ★"))
+    assert "alpha=0.5" in best_line and "0.2100 ± 0.0141" in best_line  # by validation, sample std
+    assert "its pick here would be `alpha=0.1`" in md  # the reference's test-set pick, named
+    table = read_csv(tmp_path / "results.csv")
+    assert [r["alpha"] for r in table] == ["0.1", "0.1", "0.5", "0.5"] and table[2]["valid_recall@20"] == "0.2"
+    pytest.importorskip("matplotlib")
+    assert str(tmp_path / "alpha.png") in written
+    assert (tmp_path / "alpha.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_grid_validation_errors(tmp_path):
+    base = grid_lib.base_config("synthetic_tiny")
+    bogus = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.1)\n    add(bogus_key=1)\n", "bogus.py")
+    with pytest.raises(grid_lib.GridError, match=r"grid 'bogus': add\(bogus_key=...\) sets unknown config key\(s\) "
+                                                 r"'bogus_key'; known keys: .*alpha"):
+        grid_lib.expand(bogus, "synthetic_tiny", base)
+    twice = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.1)\n    add(alpha=0.1)\n", "twice.py")
+    with pytest.raises(grid_lib.GridError, match="adds the config 'alpha=0.1' twice"):
+        grid_lib.expand(twice, "synthetic_tiny", base)
+    bad = grid_file(tmp_path, "def sweep(add):\n    add(keep_rate=0.0)\n    add(hyper_num='many')\n", "bad.py")
+    points = grid_lib.expand(bad, "synthetic_tiny", base)
+    with pytest.raises(grid_lib.GridError, match=r"config keep_rate=0.0: config: keep_rate is 0.0"):
+        grid_lib.resolve(points[:1], base, bad)
+    with pytest.raises(grid_lib.GridError, match=r"config hyper_num=many: hyper_num='many'"):
+        grid_lib.resolve(points[1:], base, bad)
+    for text in ("2/2", "x", "1/0"):
+        with pytest.raises(grid_lib.GridError, match="expected i/n"):
+            grid_lib.parse_shard(text)
+    with pytest.raises(grid_lib.GridError, match="unknown grid 'nope'; available: ablation, alpha"):
+        grid_lib.load_grid("nope")
+
+
+def test_shipped_grids_expand_on_synthetic_presets():
+    for name in grid_lib.available_grids():
+        for dataset in ("synthetic_tiny", "synthetic_clothing"):
+            base = grid_lib.base_config(dataset)
+            points = grid_lib.expand(name, dataset, base) if name != "search" else None
+            if points is not None:
+                grid_lib.resolve(points, base, name)
+    assert [p.label for p in grid_lib.expand("ablation", "synthetic_tiny", base)] == [
+        "LGMRec", "w/o CGE", "w/o MGE", "w/o GHE", "w/o HCL"]
+    alphas = [p.overrides["alpha"] for p in grid_lib.expand("alpha", "synthetic_clothing", base)]
+    assert alphas[:3] == [0.0, 0.01, 0.05] and len(alphas) == 13
+    assert len(grid_lib.expand("alpha", "synthetic_baby", base)) == 11
+    assert [p.overrides["hyper_num"] for p in grid_lib.expand("hyper_num", "baby", base)] == [
+        2, 4, 8, 16, 32, 64, 128, 256]
+    shard = grid_lib.shard_points(grid_lib.expand("hyper_num", "baby", base, seeds=[0, 1]), 1, 4)
+    assert [p.cid for p in shard] == ["hyper_num=8,seed=0", "hyper_num=8,seed=1", "hyper_num=16,seed=0",
+                                      "hyper_num=16,seed=1"]
+
+
+def test_cli_reports_grid_errors_in_one_line(tmp_path):
+    bogus = grid_file(tmp_path, "def sweep(add):\n    add(use_hypergraph=False)\n", "bogus.py")
+    proc = subprocess.run([sys.executable, "-m", "experiments.grid", f"--grid={bogus}", "--dataset=synthetic_tiny",
+                           f"--workdir={tmp_path / 'wd'}", "--compilation_cache_dir="], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "unknown config key(s) 'use_hypergraph'" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "wd").exists()
+
+
+def test_column_propagation_equals_plain_vmap():
+    """ColumnOps.propagate under vmap (one propagation over all configs' columns) gives plain
+    vmap's values and gradients, for the symmetric A_hat and for R (whose backward is R^T)."""
+    from lgmrec_jax import graph as graph_lib, model as model_lib, multi
+
+    rng = np.random.default_rng(0)
+    n_users, n_items, k = 12, 9, 3
+    train = np.stack([np.repeat(np.arange(n_users), 3), rng.integers(0, n_items, 3 * n_users)], axis=1)
+    g = graph_lib.build_graph(train, n_users, n_items)
+    local, columns = model_lib.LocalOps("segment_sum"), multi.ColumnOps()
+    for matrix, n_rows, n_cols, width in ((g.norm_adj, n_users + n_items, n_users + n_items, 4),
+                                          (g.interactions, n_users, n_items, 5)):
+        x = jax.numpy.asarray(rng.normal(size=(k, n_cols, width)), jax.numpy.float32)
+        w = jax.numpy.asarray(rng.normal(size=(k, n_rows, width)), jax.numpy.float32)
+
+        def loss(ops, xk, wk):
+            return jax.numpy.sum(jax.numpy.tanh(ops.propagate(matrix, xk, n_rows)) * wk)
+
+        outs = [jax.jit(jax.vmap(jax.value_and_grad(lambda xk, wk, o=o: loss(o, xk, wk))))(x, w)
+                for o in (local, columns)]
+        for a, b in zip(jax.tree_util.tree_leaves(outs[0]), jax.tree_util.tree_leaves(outs[1])):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        # Unbatched use (a single config) is the plain propagation.
+        np.testing.assert_allclose(np.asarray(columns.propagate(matrix, x[0], n_rows)),
+                                   np.asarray(local.propagate(matrix, x[0], n_rows)), rtol=1e-6)
+
+
+def test_traced_values_reach_their_own_config():
+    """A map group whose configs differ in every traced key trains each config as its single run
+    (to float32 reassociation: a traced value is not constant-folded as a single run's is)."""
+    from lgmrec_jax import data, multi, sampler as sampler_lib, trainer
+
+    rng = np.random.default_rng(1)
+    n_users, n_items = 12, 9
+    train = np.stack([np.repeat(np.arange(n_users), 3), rng.integers(0, n_items, 3 * n_users)], axis=1)
+    ds = data.from_arrays(train, train[:6], train[6:12], n_users, n_items, v_feat=rng.random((n_items, 7)),
+                          t_feat=rng.random((n_items, 5)))
+    cfgs = []
+    for seed, alpha, keep, cl, reg, lr in ((0, 0.1, 0.5, 1e-4, 1e-6, 1e-3), (1, 0.9, 0.8, 1e-2, 1e-3, 3e-3)):
+        cfg = configs.for_dataset("default")
+        cfg.update(embedding_size=8, feat_embed_dim=8, n_ui_layers=1, n_mm_layers=1, train_batch_size=16,
+                   num_devices=1, seed=seed, alpha=alpha, keep_rate=keep, cl_weight=cl, reg_weight=reg,
+                   learning_rate=lr)
+        cfgs.append(cfg)
+    prog = multi.MultiProgram(cfgs[0], ds, batching="map", uniform=multi.uniform_values(cfgs))
+    assert prog.uniform == {}
+    states = prog.init_states([0, 1])
+    per = [sampler_lib.NegativeSampler(ds.train, n_items, 16, c.seed).epoch(0) for c in cfgs]
+    batches = sampler_lib.EpochBatches(*(np.stack([getattr(b, f) for b in per]) for f in sampler_lib.EpochBatches._fields))
+    states, parts, _ = prog.run_epoch(states, multi.hyper_of(cfgs), batches, prog.epoch_keys([0, 1], trainer.TRAIN_STREAM, 0),
+                                      np.ones(2, bool))
+    params = prog.get(states.params)
+    for k, cfg in [(1, cfgs[1])]:  # the second slot, every value unlike the first's (one single run: compile time)
+        exp = run_lib.Experiment(cfg, ds)
+        state, single_parts = exp.train_epoch(exp.runner.put(exp.init_state()), 0)
+        np.testing.assert_allclose(parts[k], single_parts, rtol=1e-5)
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(exp.runner.get(state).params)):
+            np.testing.assert_allclose(a[k], np.asarray(b), rtol=1e-4, atol=1e-6)
