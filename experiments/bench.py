@@ -1,0 +1,1077 @@
+"""Benchmark harness (issue #5): compile, train epoch, evaluation, full run, memory, scaling.
+
+    python -m experiments.bench --presets=baby --kernel=segment_sum,bcoo          # CPU here
+    python -m experiments.bench --presets=baby,sports,clothing --scales=0.25,0.5,1,2,4,10 \
+        --full_run --compile_cache                                                # GPU machine
+    python -m experiments.bench --presets=baby --profile                          # where an epoch goes
+
+The same command runs on any backend. Every benchmark configuration (dataset x kernel x matmul
+precision x patch set) runs in its own child process (``--isolate``, the default), so peak memory
+and compile times are per configuration. Results go to ``<out>/bench_<tag>.json`` and
+``<out>/bench_<tag>.md`` (tag = the backend, e.g. ``cpu`` or ``gpu``, unless ``--tag`` is given),
+with the machine, versions and the command stated.
+
+Datasets. ``--presets`` names the built-in synthetic presets (tiny, default, baby, sports,
+clothing: the real datasets' user/item/interaction counts and 4096/384-d features). ``--scales``
+adds clothing scaled by each factor (users, items and interactions multiplied; the clothing config),
+named ``synthetic_clothing_x<scale>``; ``--feature_dims=IMAGE,TEXT`` overrides their feature widths
+(only for scaled presets; the name then gets ``_f<IMAGE>-<TEXT>``), because 4096-d features at 10x
+clothing are 3.7 GB of host memory. All are generated under ``--data_dir`` on first use.
+
+What is measured, per configuration (all times are wall-clock seconds, device work synchronised):
+  setup_s          Experiment(...) (graph, sampler, eval plans, device copies) + init_state
+  compile          the train-epoch program lowered and compiled ahead of time with the same
+                   arguments the run passes (``runner._run.lower(...).compile()``: trace_lower_s,
+                   compile_s); jit reuses that executable, so the first real epoch then runs without
+                   compiling (first_epoch_s ~ epoch_s confirms it). Where the runner has no
+                   ``_run`` (multi-device), compile_s = first epoch - median steady epoch.
+                   eval_compile_s = first valid+test evaluation - median steady evaluation.
+  epoch_s          median of ``--epochs_to_time`` steady epochs of ``Experiment.train_epoch``: host
+                   negative sampling, one transfer, the compiled scan of all steps (the run's path)
+  sampler_s        the host sampling of one epoch alone (part of epoch_s)
+  steps_per_s      batches per epoch / epoch_s
+  eval_s           median of ``--eval_repeats`` ``Experiment.evaluate`` calls (valid + test: the
+                   compiled blocked top-k on the device and the metrics on the host)
+  full_run         (``--full_run``) ``run.train_and_evaluate`` to early stopping in a temp workdir,
+                   with checkpoints as a real run writes them: total seconds, epochs, best epoch
+  memory           peak RSS of the process (``ru_maxrss``; on CPU the device memory is host memory)
+                   and on accelerators ``memory_stats()['peak_bytes_in_use']`` of device 0
+``--compile_cache`` starts two more processes for the first configuration with an empty persistent
+compilation cache directory (``jax_compilation_cache_dir``, min compile time 0): the first (cold)
+fills it, the second (warm) reads it; both report trace_lower_s and compile_s.
+``--profile`` adds, per configuration, a breakdown of the steady epoch by timing ablations: each
+variant is a full epoch (``lax.scan`` over the same batches) of a modified step, compiled and timed
+the same way (see :func:`profile_epoch`).
+``--patch`` applies named experimental monkeypatches (:data:`PATCHES`) inside the benchmark process
+only, to measure a candidate change to lgmrec_jax before it is made; the library is never edited.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Optional
+
+from absl import app, flags, logging
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRESET_NAMES = ("tiny", "default", "baby", "sports", "clothing")
+# The authors' PyTorch code on this project's 2-core CPU machine (issue #5), baby scale, steady state.
+REFERENCE_CPU = {"synthetic_baby": {"epoch_s": 45.0}}
+# The authors' code on one H100 at clothing scale (issue #5), steady state.
+REFERENCE_GPU = {"synthetic_clothing": {"epoch_s": 3.0, "eval_s": 4.7}}
+RESULT_FIELDS = ("dataset", "kernel", "matmul_precision", "n_users", "n_items", "n_train", "n_batches",
+                 "setup_s", "compile", "first_epoch_s", "epoch_s", "epoch_times_s", "sampler_s",
+                 "steps_per_s", "eval_s", "eval_times_s", "eval_compile_s", "memory")
+
+FLAGS = flags.FLAGS
+@dataclasses.dataclass
+class Settings:
+    presets: tuple = ("baby",)
+    scales: tuple = ()
+    feature_dims: Optional[tuple] = None
+    epochs_to_time: int = 3
+    eval_repeats: int = 3
+    full_run: bool = False
+    full_run_presets: tuple = ()  # empty: every dataset
+    max_epochs: int = 0
+    kernels: tuple = ("segment_sum",)
+    precisions: tuple = ("highest",)
+    patch_sets: tuple = ()  # tuples of PATCHES names; each is one more configuration
+    baseline: bool = True  # the unpatched configuration too
+    profile: bool = False
+    profile_steps: int = 16
+    compile_cache: bool = False
+    isolate: bool = True
+    wait_idle_s: int = 0
+    out: str = os.path.join(REPO, "experiments", "results")
+    tag: str = ""
+    append: bool = False
+    data_dir: str = "./data"
+
+
+# ----------------------------------------------------------------------------------- datasets
+
+
+def dataset_names(settings: Settings) -> list[str]:
+    names = []
+    for preset in settings.presets:
+        if preset not in PRESET_NAMES:
+            raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
+        names.append("synthetic" if preset == "default" else f"synthetic_{preset}")
+    for scale in settings.scales:
+        name = f"synthetic_clothing_x{float(scale):g}"
+        if settings.feature_dims:
+            name += f"_f{settings.feature_dims[0]}-{settings.feature_dims[1]}"
+        names.append(name)
+    return names
+
+
+def parse_scaled(name: str):
+    """(scale, feature_dims or None) of a synthetic_clothing_x<scale>[_f<I>-<T>] name, else None."""
+    prefix = "synthetic_clothing_x"
+    if not name.startswith(prefix):
+        return None
+    rest = name[len(prefix):]
+    dims = None
+    if "_f" in rest:
+        rest, dim_text = rest.split("_f", 1)
+        dims = tuple(int(x) for x in dim_text.split("-"))
+    return float(rest), dims
+
+
+def scaled_preset(scale: float, feature_dims=None):
+    from data_prep import synthetic
+
+    base = synthetic.PRESETS["clothing"]
+    dims = feature_dims or (base.image_dim, base.text_dim)
+    return dataclasses.replace(base, n_users=max(10, round(base.n_users * scale)),
+                               n_items=max(10, round(base.n_items * scale)),
+                               n_interactions=round(base.n_interactions * scale),
+                               image_dim=int(dims[0]), text_dim=int(dims[1]))
+
+
+def load(name: str, data_dir: str):
+    """The dataset and its config (scaled clothing uses the clothing config)."""
+    from lgmrec_jax import configs
+    from lgmrec_jax.data import load_dataset
+
+    scaled = parse_scaled(name)
+    if scaled is None:
+        return load_dataset(data_dir, name), configs.for_dataset(name)
+    from data_prep import synthetic
+
+    out_dir = os.path.join(os.path.abspath(data_dir), name)
+    if not os.path.isdir(out_dir):
+        logging.info("generating %s into %s", name, out_dir)
+        synthetic.generate(scaled_preset(*scaled), out_dir, name)
+    return load_dataset(data_dir, name, generate_synthetic=False), configs.for_dataset("synthetic_clothing")
+
+
+# ----------------------------------------------------------------------------------- patches
+
+_UNDO = []  # (object, attribute, original value) of the applied patches, newest last
+
+
+def _set(obj, name: str, value) -> None:
+    _UNDO.append((obj, name, getattr(obj, name)))
+    setattr(obj, name, value)
+
+
+def undo_patches() -> None:
+    while _UNDO:
+        obj, name, value = _UNDO.pop()
+        setattr(obj, name, value)
+
+
+
+def _patch_infonce_matmul():
+    """losses.infonce as one matmul per batch with a hand-written VJP and no max-subtraction.
+
+    The rows are unit vectors, so every logit lies in [-1/tau, 1/tau] = [-5, 5] and exp cannot
+    overflow: the reference's plain log(sum(exp)) is safe (SPEC §4.2 has no max-subtraction either).
+    Forward: one (B x K) matmul with exp and the row sum fused behind it; e = exp(logits) is kept.
+    Backward: with c = g / rowsum, d(a) = (e @ z) * c and d(z) = ((a * c)^T @ e)^T; the row
+    scaling is applied to the (B x d) operands instead of the (B x K) matrix, and the second product
+    is computed as (d x B)(B x K) then transposed (optimization_barrier keeps XLA from folding the
+    transpose back into a dot that transposes the big (B x K) operand, which is 1.3x slower on CPU).
+    The per-row vmap formulation it replaces is ~4x slower on CPU (batched matvecs, a max pass and
+    reduce-window trees over the (B x K) logits).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lgmrec_jax import losses
+    from lgmrec_jax.model import TAU, l2_normalize
+
+    @jax.custom_vjp
+    def log_sum_exp_logits(a, z):  # a: (B, d) unit rows / tau; z: (K, d) unit rows
+        return jnp.log(jnp.sum(jnp.exp(a @ z.T), axis=1))
+
+    def fwd(a, z):
+        e = jnp.exp(a @ z.T)
+        s = jnp.sum(e, axis=1)
+        return jnp.log(s), (a, z, e, s)
+
+    def bwd(res, g):
+        a, z, e, s = res
+        c = (g / s)[:, None]
+        return (e @ z) * c, jax.lax.optimization_barrier((a * c).T @ e).T
+
+    log_sum_exp_logits.defvjp(fwd, bwd)
+
+    def infonce(anchors, positives, candidates, mask):
+        a, p, z = l2_normalize(anchors), l2_normalize(positives), l2_normalize(candidates)
+        per_row = log_sum_exp_logits(a / TAU, z) - jnp.sum(a * p, axis=1) / TAU
+        return jnp.sum(per_row * mask)
+
+    _set(losses, "infonce", infonce)
+
+
+def _patch_infonce_vmap():
+    """losses.infonce as it was before commit 40bac1c: a per-row function (logsumexp over all
+    candidates, which subtracts the row max) vectorised with jax.vmap. Kept to measure that
+    change against the current code in one run."""
+    import jax
+    import jax.numpy as jnp
+
+    from lgmrec_jax import losses
+    from lgmrec_jax.model import TAU, l2_normalize
+
+    def infonce_row(anchor, positive, candidates_normed, tau=TAU):
+        a, p = l2_normalize(anchor), l2_normalize(positive)
+        return jax.nn.logsumexp(candidates_normed @ a / tau) - jnp.dot(a, p) / tau
+
+    def infonce(anchors, positives, candidates, mask, tau=TAU):
+        per_row = jax.vmap(infonce_row, in_axes=(0, 0, None, None))(anchors, positives, l2_normalize(candidates), tau)
+        return jnp.sum(per_row * mask)
+
+    _set(losses, "infonce", infonce)
+
+
+def _patch_feature_matmul_vjp():
+    """The feature projections F_m @ W (and F_m @ H) with a hand-written VJP for the weight:
+    dW = ((dY)^T @ F)^T. Autodiff's dW = F^T @ dY makes XLA:CPU transpose the whole (I x D)
+    feature matrix every step (115 MB at baby scale); (dY^T F) reads F as stored and transposes only
+    the small (k x D) result (optimization_barrier keeps XLA from folding it back). Features are
+    frozen, so no cotangent is returned for them. Patches model.LocalOps.feature_matmul.
+    """
+    import jax
+
+    import lgmrec_jax.model as model_lib
+
+    if not hasattr(model_lib, "LocalOps"):
+        raise RuntimeError("feature_matmul_vjp needs lgmrec_jax.model.LocalOps.feature_matmul")
+
+    @jax.custom_vjp
+    def feature_matmul(feat, weight):
+        return feat @ weight
+
+    def fwd(feat, weight):
+        return feat @ weight, feat
+
+    def bwd(feat, g):
+        return None, jax.lax.optimization_barrier(g.T @ feat).T
+
+    feature_matmul.defvjp(fwd, bwd)
+    _set(model_lib.LocalOps, "feature_matmul", lambda self, feat, weight, n_items: feature_matmul(feat, weight))
+
+
+def _patch_propagate_transpose():
+    """graph.propagate (segment_sum kernel) with a custom VJP whose backward is again a sorted
+    segment_sum over the transposed matrix, instead of autodiff's scatter-add into x[cols].
+
+    The transpose's sorted order is computed inside the program from the indices (an argsort per
+    call); a real change would precompute it once on the host in build_host_graph (Graph fields).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lgmrec_jax import graph as graph_lib
+    import lgmrec_jax.model as model_lib
+
+    original = graph_lib.propagate
+
+    def spmm(rows, cols, vals, x, n_rows):
+        return jax.ops.segment_sum(vals[:, None] * x[cols], rows, num_segments=n_rows, indices_are_sorted=True)
+
+    @jax.custom_vjp
+    def prop(rows, cols, vals, x, n_rows_arr):
+        return spmm(rows, cols, vals, x, n_rows_arr.shape[0])
+
+    def fwd(rows, cols, vals, x, n_rows_arr):
+        return prop(rows, cols, vals, x, n_rows_arr), (rows, cols, vals, x.shape[0], n_rows_arr)
+
+    def bwd(res, g):
+        rows, cols, vals, n_cols, n_rows_arr = res
+        order = jnp.argsort(cols, stable=True)
+        gx = spmm(cols[order], rows[order], vals[order], g, n_cols)
+        return None, None, None, gx, None
+
+    prop.defvjp(fwd, bwd)
+
+    def propagate(matrix, x, kernel="segment_sum"):
+        if kernel != "segment_sum":
+            return original(matrix, x, kernel)
+        rows, cols = matrix.indices[:, 0], matrix.indices[:, 1]
+        return prop(rows, cols, jax.lax.stop_gradient(matrix.data), x,
+                    jnp.zeros((matrix.shape[0], 0), x.dtype))
+
+    _set(graph_lib, "propagate", propagate)
+    _set(model_lib, "propagate", propagate)
+
+
+PATCHES = {"infonce_matmul": _patch_infonce_matmul, "infonce_vmap": _patch_infonce_vmap,
+           "feature_matmul_vjp": _patch_feature_matmul_vjp,
+           "propagate_transpose": _patch_propagate_transpose}
+
+
+# ----------------------------------------------------------------------------------- machine
+
+
+def code_fingerprint() -> str:
+    """sha256 (12 hex) of lgmrec_jax/*.py as they are on disk when a configuration starts: the working
+    tree may change between configurations while other people work in it."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    package = os.path.join(REPO, "lgmrec_jax")
+    for name in sorted(os.listdir(package)):
+        if name.endswith(".py"):
+            with open(os.path.join(package, name), "rb") as handle:
+                digest.update(name.encode() + b"\0" + handle.read())
+    return digest.hexdigest()[:12]
+
+
+def git_state() -> dict:
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    changed = [line[3:] for line in git("status", "--porcelain", "--", "lgmrec_jax").splitlines()]
+    return {"commit": git("rev-parse", "HEAD").strip(), "lgmrec_jax_uncommitted": changed}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def machine() -> dict:
+    import jax
+
+    from lgmrec_jax.run import versions
+
+    dev = jax.devices()[0]
+    try:
+        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (ValueError, OSError):
+        mem_gib = None
+    return {"backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "host_memory_gib": mem_gib,
+            "platform": platform.platform(), "versions": versions(), "git": git_state()}
+
+
+class CpuMeter:
+    """Process CPU seconds and the share of the machine's CPU capacity used by *other* processes
+    over an interval (from /proc/stat and os.times), to tell contended measurements apart.
+
+    A shared CPU machine skews wall-clock times; ``others_share`` near 0 means the measurement had
+    the machine to itself, 0.5 on a 2-core machine means another process kept one core busy.
+    """
+
+    def __init__(self):
+        self.start = self._snapshot()
+
+    @staticmethod
+    def _snapshot():
+        times = os.times()
+        own = times.user + times.system
+        try:
+            with open("/proc/stat") as handle:
+                fields = [int(x) for x in handle.readline().split()[1:]]
+            tick = os.sysconf("SC_CLK_TCK")
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+            total = sum(fields[:8])
+            return own, (total - idle) / tick, total / tick
+        except (OSError, ValueError, IndexError):
+            return own, None, None
+
+    def stop(self) -> dict:
+        own1, busy1, total1 = self._snapshot()
+        own0, busy0, total0 = self.start
+        out = {"cpu_s": own1 - own0}
+        # /proc/stat counts in clock ticks (10 ms): intervals under 0.5 s per CPU give no usable share.
+        if busy0 is not None and total1 - total0 > 0.5 * (os.cpu_count() or 1):
+            out["others_share"] = min(max((busy1 - busy0 - (own1 - own0)) / (total1 - total0), 0.0), 1.0)
+        return out
+
+
+def others_busy(seconds: float = 2.0) -> Optional[float]:
+    """Share of the machine's CPU capacity used by other processes over ``seconds``."""
+    meter = CpuMeter()
+    time.sleep(seconds)
+    return meter.stop().get("others_share")
+
+
+def wait_idle(max_wait_s: float, threshold: float = 0.2) -> Optional[float]:
+    """Waits (up to max_wait_s) until other processes use under ``threshold`` of the CPUs."""
+    deadline = time.time() + max_wait_s
+    share = others_busy()
+    while share is not None and share > threshold and time.time() < deadline:
+        logging.info("other processes use %.0f%% of the CPUs; waiting", 100 * share)
+        time.sleep(10)
+        share = others_busy()
+    return share
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return float("nan")
+
+
+def memory() -> dict:
+    import jax
+
+    out = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    stats = None
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - backends without memory statistics
+        stats = None
+    if stats:
+        for key in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit"):
+            if key in stats:
+                out[f"device_{key}_mb"] = round(stats[key] / 2**20, 1)
+    return out
+
+
+# ----------------------------------------------------------------------------------- one configuration
+
+
+def sync(tree):
+    import jax
+
+    return jax.block_until_ready(tree)
+
+
+def median(values):
+    values = sorted(values)
+    n = len(values)
+    return None if not n else (values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2]))
+
+
+def run_config(spec: dict) -> dict:
+    """Measures one (dataset, kernel, precision, patches) configuration in this process."""
+    try:
+        return _run_config(spec)
+    finally:
+        undo_patches()
+
+
+def _run_config(spec: dict) -> dict:
+    import jax
+
+    if spec.get("compile_cache_dir"):
+        jax.config.update("jax_compilation_cache_dir", spec["compile_cache_dir"])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    else:  # compile times are measured cold, whatever the environment configures
+        jax.config.update("jax_enable_compilation_cache", False)
+    for name in spec.get("patches", ()):
+        PATCHES[name]()
+    from lgmrec_jax import trainer
+    from lgmrec_jax.run import Experiment
+
+    result = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
+              "patches": list(spec.get("patches", ())), "loadavg_start": list(os.getloadavg()),
+              "code": {"commit": git_state()["commit"], "lgmrec_jax_sha256_12": code_fingerprint()}}
+    tick = time.perf_counter()
+    ds, cfg = load(spec["dataset"], spec["data_dir"])
+    result["load_s"] = round(time.perf_counter() - tick, 3)
+    cfg.kernel, cfg.matmul_precision = spec["kernel"], spec["precision"]
+    result.update(n_users=ds.n_users, n_items=ds.n_items, n_train=int(len(ds.train)),
+                  n_valid=int(len(ds.valid)), n_test=int(len(ds.test)),
+                  feature_dims={m: int(f.shape[1]) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None},
+                  config={k: cfg[k] for k in ("train_batch_size", "eval_batch_size", "n_ui_layers", "n_mm_layers",
+                                              "n_hyper_layer", "hyper_num", "eval_noise")})
+    with jax.default_matmul_precision(cfg.matmul_precision):
+        tick = time.perf_counter()
+        exp = Experiment(cfg, ds)
+        state = exp.runner.put(exp.init_state())
+        sync(state)
+        result["setup_s"] = round(time.perf_counter() - tick, 3)
+        result["n_batches"] = int(exp.sampler.n_batches)
+        result["rss_after_setup_mb"] = round(rss_mb(), 1)
+
+        compile_info = {}
+        run_fn = getattr(exp.runner, "_run", None)
+        if run_fn is not None and hasattr(run_fn, "lower"):
+            batches = trainer.to_batch(tuple(exp.sampler.epoch(0)))
+            key = trainer.stream_key(cfg.seed, trainer.TRAIN_STREAM, 0)
+            tick = time.perf_counter()
+            lowered = run_fn.lower(state, exp.graph, exp.feats, batches, key, 0)
+            compile_info["trace_lower_s"] = round(time.perf_counter() - tick, 3)
+            tick = time.perf_counter()
+            lowered.compile()
+            compile_info["compile_s"] = round(time.perf_counter() - tick, 3)
+            compile_info["method"] = "aot: runner._run.lower(...).compile()"
+            del batches
+
+        times, cpu, others, losses = [], [], [], []
+        for epoch in range(spec["epochs_to_time"] + 1):
+            meter, tick = CpuMeter(), time.perf_counter()
+            state, parts = exp.train_epoch(state, epoch)
+            sync(state)
+            times.append(time.perf_counter() - tick)
+            usage = meter.stop()
+            cpu.append(usage["cpu_s"])
+            others.append(usage.get("others_share"))
+            losses.append(float(parts[:, 0].sum()))
+            logging.info("%s %s: epoch %d %.3fs loss %.4f", spec["dataset"], spec["kernel"], epoch, times[-1],
+                         losses[-1])
+        steady = times[1:]
+        result["first_epoch_s"] = round(times[0], 4)
+        result["epoch_times_s"] = [round(t, 4) for t in steady]
+        result["epoch_s"] = round(median(steady), 4)
+        result["epoch_min_s"] = round(min(steady), 4)
+        result["epoch_cpu_s"] = round(median(cpu[1:]), 3)
+        result["epoch_others_share"] = [None if o is None else round(o, 3) for o in others[1:]]
+        result["steps_per_s"] = round(result["n_batches"] / result["epoch_s"], 3)
+        result["epoch_losses"] = losses
+        if "compile_s" not in compile_info:
+            compile_info["compile_s"] = round(max(times[0] - result["epoch_s"], 0.0), 3)
+            compile_info["method"] = "first epoch - median steady epoch"
+        result["compile"] = compile_info
+        tick = time.perf_counter()
+        exp.sampler.epoch(spec["epochs_to_time"] + 1)
+        result["sampler_s"] = round(time.perf_counter() - tick, 4)
+
+        if spec["eval_repeats"] > 0 and exp.plans:
+            host_state = exp.runner.get(state)
+            eval_times, eval_cpu, eval_others, metrics = [], [], [], None
+            for i in range(spec["eval_repeats"] + 1):
+                meter, tick = CpuMeter(), time.perf_counter()
+                metrics = exp.evaluate(host_state.params, i)
+                eval_times.append(time.perf_counter() - tick)
+                usage = meter.stop()
+                eval_cpu.append(usage["cpu_s"])
+                eval_others.append(usage.get("others_share"))
+            result["eval_first_s"] = round(eval_times[0], 4)
+            result["eval_times_s"] = [round(t, 4) for t in eval_times[1:]]
+            result["eval_s"] = round(median(eval_times[1:]), 4)
+            result["eval_compile_s"] = round(max(eval_times[0] - result["eval_s"], 0.0), 3)
+            result["eval_cpu_s"] = round(median(eval_cpu[1:]), 3)
+            result["eval_others_share"] = [None if o is None else round(o, 3) for o in eval_others[1:]]
+            result["eval_blocks"] = {name: int(p.block_users.shape[0]) for name, p in exp.plans.items()}
+            result["valid_recall@20"] = metrics["valid"].get("recall@20")
+        result["memory"] = memory()
+
+        if spec.get("profile"):
+            result["profile"] = profile_epoch(exp, state, spec["epochs_to_time"] + 2, spec.get("profile_steps", 0))
+            if exp.plans:
+                result["profile"]["eval"] = profile_eval(exp, exp.runner.get(state).params)
+            result["memory_after_profile"] = memory()
+
+    if spec.get("full_run"):
+        result["full_run"] = full_run(cfg, ds, spec.get("max_epochs", 0))
+        result["memory_after_full_run"] = memory()
+    result["loadavg_end"] = list(os.getloadavg())
+    return result
+
+
+def full_run(cfg, ds, max_epochs: int) -> dict:
+    from lgmrec_jax.run import train_and_evaluate
+
+    if max_epochs:
+        cfg.epochs = max_epochs
+    workdir = tempfile.mkdtemp(prefix="lgmrec-bench-")
+    try:
+        tick = time.perf_counter()
+        summary = train_and_evaluate(cfg, ds, workdir, restart=True)
+        wall = time.perf_counter() - tick
+        with open(os.path.join(workdir, "metrics.jsonl")) as handle:
+            rows = [json.loads(line) for line in handle]
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return {"wall_s": round(wall, 2), "status": summary.get("status"), "epochs_run": summary.get("epochs_run"),
+            "best_epoch": summary.get("best_epoch"),
+            "best_valid_recall@20": (summary.get("best_valid") or {}).get("recall@20"),
+            "median_train_s": median([r["train_s"] for r in rows]),
+            "median_eval_s": median([r["eval_s"] for r in rows if "eval_s" in r])}
+
+
+# ----------------------------------------------------------------------------------- profile
+
+
+def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
+    """A steady epoch broken down by timing ablations.
+
+    Every variant runs the same epoch's batches as one compiled ``lax.scan`` (as the runner does, so
+    per-call overheads and temporary-buffer allocation are amortised the same way) and is timed as
+    the median of two runs after a compile run. Variants:
+      step_full         the training step as the runner builds it (device part of an epoch)
+      forward_loss      model forward in training mode + the loss, no gradient
+      forward_model     model forward only (outputs reduced to a scalar)
+      grad_no_hcl       value-and-grad of BPR + reg only (the InfoNCE term dropped)
+      grad_hcl_only     value-and-grad of the InfoNCE term only (+ the forward it needs)
+      grad_projections  value-and-grad of sum(tanh(F_m W_m)) + sum(tanh(F_m H_m)): the feature
+                        projections' matmuls, forward and backward, alone
+      grad_cge          value-and-grad of the collaborative part alone (LightGCN over A_hat)
+      adam_update       the optimiser update alone (zero gradients)
+    plus the host part: sampler_s (negative sampling) and transfer_s (one epoch of batches to the device).
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from lgmrec_jax import losses, trainer
+    from lgmrec_jax.model import sample_noise
+
+    model, cfg, optimizer = exp.model, exp.cfg, exp.optimizer
+    shapes = model.noise_shapes()
+    tick = time.perf_counter()
+    host_batches = exp.sampler.epoch(epoch)
+    sampler_s = time.perf_counter() - tick
+    tick = time.perf_counter()
+    batches = sync(trainer.to_batch(tuple(host_batches)))
+    transfer_s = time.perf_counter() - tick
+    n_batches = int(batches.users.shape[0])
+    steps = min(n_batches, max_steps) if max_steps else n_batches
+    batches = type(batches)(*(x[:steps] for x in batches))
+    per_epoch = n_batches / steps  # variants run ``steps`` steps; times are scaled to a whole epoch
+    key = trainer.stream_key(cfg.seed, trainer.TRAIN_STREAM, epoch)
+    params = exp.runner.get(state).params
+    state = trainer.TrainState(params, optimizer.init(params))
+
+    def forward(p, graph, feats, k):
+        return model.apply(p, graph, feats, sample_noise(k, shapes, train=True, keep_rate=model.keep_rate))
+
+    def total(p, graph, feats, batch, k):
+        return losses.loss_parts(forward(p, graph, feats, k), batch, cfg.cl_weight, cfg.reg_weight).total
+
+    def no_hcl(p, graph, feats, batch, k):
+        out = forward(p, graph, feats, k)
+        e_u, e_p, e_n = out.user[batch.users], out.item[batch.pos], out.item[batch.neg]
+        n = jnp.sum(batch.mask)
+        bpr = jnp.sum(jax.vmap(losses.bpr_row)(e_u, e_p, e_n) * batch.mask) / n
+        frob = lambda x: jnp.sqrt(jnp.sum(jnp.square(x) * batch.mask[:, None]))
+        return bpr + cfg.reg_weight * (frob(e_u) + frob(e_p) + frob(e_n)) / n
+
+    def hcl_only(p, graph, feats, batch, k):
+        h = forward(p, graph, feats, k).hyper
+        if "t_user" not in h or "v_user" not in h:
+            return jnp.zeros(())
+        return cfg.cl_weight * (
+            losses.infonce(h["v_user"][batch.users], h["t_user"][batch.users], h["t_user"], batch.mask)
+            + losses.infonce(h["v_item"][batch.pos], h["t_item"][batch.pos], h["t_item"], batch.mask))
+
+    ops = getattr(model, "big_ops", None)  # the model's matmul provider, where it has one
+    project = (lambda f, w: ops.feature_matmul(f, w, model.n_items)) if ops is not None else (lambda f, w: f @ w)
+
+    def projections(p, graph, feats, batch, k):
+        inner = p["params"]
+        return sum(jnp.sum(jnp.tanh(project(feats[m], inner[f"{m}_proj"])))
+                   + jnp.sum(jnp.tanh(project(feats[m], inner[f"{m}_hyper"]))) for m in model.modalities)
+
+    def cge(p, graph, feats, batch, k):
+        c = model.apply(p, graph, method=model.cge)
+        return jnp.sum(c[batch.users] * c[model.n_users + batch.pos])
+
+    def grad_variant(objective):
+        def step(st, graph, feats, batch, k):
+            loss, grads = jax.value_and_grad(objective)(st.params, graph, feats, batch, k)
+            updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+            return trainer.TrainState(optax.apply_updates(st.params, updates), opt_state), loss
+        return step
+
+    def touch(st, value):
+        # The next step's parameters depend on this step's value (numerically a no-op: 1e-30 is below
+        # float32 resolution of the parameters), so XLA cannot hoist the forward out of the scan as
+        # loop-invariant code, as it would with unchanged parameters.
+        return trainer.TrainState(jax.tree_util.tree_map(lambda x: x + 1e-30 * value, st.params), st.opt_state)
+
+    def forward_loss(st, graph, feats, batch, k):
+        value = total(st.params, graph, feats, batch, k)
+        return touch(st, value), value
+
+    def forward_model(st, graph, feats, batch, k):
+        out = forward(st.params, graph, feats, k)
+        value = jnp.sum(out.user[batch.users]) + jnp.sum(out.item[batch.pos]) + sum(
+            jnp.sum(v) for v in out.hyper.values())
+        return touch(st, value), value
+
+    def adam_update(st, graph, feats, batch, k):
+        grads = jax.tree_util.tree_map(jnp.zeros_like, st.params)
+        updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+        return trainer.TrainState(optax.apply_updates(st.params, updates), opt_state), jnp.zeros(())
+
+    variants = {
+        "step_full": trainer.make_train_step(model, optimizer, cfg),
+        "forward_loss": forward_loss,
+        "forward_model": forward_model,
+        "grad_no_hcl": grad_variant(no_hcl),
+        "grad_hcl_only": grad_variant(hcl_only),
+        "grad_projections": grad_variant(projections),
+        "grad_cge": grad_variant(cge),
+        "adam_update": adam_update,
+    }
+    if not model.modalities:
+        for name in ("grad_hcl_only", "grad_projections"):
+            variants.pop(name)
+    out = {"sampler_s": round(sampler_s, 4), "transfer_s": round(transfer_s, 4), "n_batches": n_batches,
+           "steps_timed": steps}
+    for name, step in variants.items():
+        epoch_fn = jax.jit(trainer.make_epoch_fn(step))
+        tick = time.perf_counter()
+        sync(epoch_fn(state, exp.graph, exp.feats, batches, key, 0))
+        first = time.perf_counter() - tick
+        runs, cpu, others = [], [], []
+        for _ in range(2):
+            meter, tick = CpuMeter(), time.perf_counter()
+            sync(epoch_fn(state, exp.graph, exp.feats, batches, key, 0))
+            runs.append(time.perf_counter() - tick)
+            usage = meter.stop()
+            cpu.append(usage["cpu_s"])
+            others.append(usage.get("others_share") or 0.0)
+        out[name] = {"epoch_s": round(per_epoch * median(runs), 4), "epoch_min_s": round(per_epoch * min(runs), 4),
+                     "cpu_s": round(per_epoch * median(cpu), 3), "others_share": round(max(others), 3),
+                     "compile_s": round(max(first - median(runs), 0.0), 3)}
+        logging.info("profile %s: %.3fs per epoch", name, out[name]["epoch_s"])
+    return out
+
+
+def profile_eval(exp, params) -> dict:
+    """Valid+test evaluation split into device time (per_block noise: one forward per block, as the
+    run does), device time with one forward per split (eval_noise=per_eval; the difference is the
+    extra forwards), and the host metrics."""
+    import jax
+
+    from lgmrec_jax import evaluation, trainer
+
+    key = trainer.stream_key(exp.cfg.seed, trainer.EVAL_STREAM, 0)
+    one_forward = jax.jit(evaluation.make_split_evaluator(exp.model, "per_eval"))
+    out = {"blocks": sum(int(p.block_users.shape[0]) for p in exp.plans.values())}
+    tops = {}
+    for label, fn in (("device_per_block_s", exp.evaluate_split), ("device_one_forward_per_split_s", one_forward)):
+        runs = []
+        for i in range(3):  # the first call compiles (or warms up)
+            tick = time.perf_counter()
+            for j, name in enumerate(exp.plans):
+                tops[name] = sync(fn(params, exp.graph, exp.feats, *exp.eval_arrays[name], jax.random.fold_in(key, j)))
+            runs.append(time.perf_counter() - tick)
+        out[label] = round(median(runs[1:]), 4)
+    tick = time.perf_counter()
+    for name, plan in exp.plans.items():
+        evaluation.metrics_from_tops(plan, tops[name], exp.ds.n_users, exp.ds.n_items)
+    out["host_metrics_s"] = round(time.perf_counter() - tick, 4)
+    return out
+
+
+# ----------------------------------------------------------------------------------- driver
+
+
+def worker_command(spec: dict, result_path: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.bench", f"--worker={json.dumps(spec)}",
+            f"--worker_out={result_path}"]
+
+
+def run_isolated(spec: dict) -> dict:
+    handle, result_path = tempfile.mkstemp(prefix="lgmrec-bench-", suffix=".json")
+    os.close(handle)
+    try:
+        proc = subprocess.run(worker_command(spec, result_path), cwd=REPO)
+        if proc.returncode != 0:
+            return {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
+                    "patches": list(spec.get("patches", ())), "error": f"worker exited with {proc.returncode}"}
+        with open(result_path) as handle:
+            return json.load(handle)
+    finally:
+        os.remove(result_path)
+
+
+def specs(settings: Settings) -> list[dict]:
+    patch_sets = ([()] if settings.baseline or not settings.patch_sets else []) + [tuple(p) for p in settings.patch_sets]
+    out = []
+    full_names = set(dataset_names(dataclasses.replace(settings, presets=settings.full_run_presets, scales=())))
+    for name in dataset_names(settings):
+        full = settings.full_run and (not settings.full_run_presets or name in full_names)
+        for kernel in settings.kernels:
+            for precision in settings.precisions:
+                for patches in patch_sets:
+                    out.append({"dataset": name, "kernel": kernel, "precision": precision, "patches": list(patches),
+                                "data_dir": os.path.abspath(settings.data_dir),
+                                "epochs_to_time": settings.epochs_to_time, "eval_repeats": settings.eval_repeats,
+                                "profile": settings.profile, "profile_steps": settings.profile_steps, "full_run": full,
+                                "max_epochs": settings.max_epochs})
+    return out
+
+
+def compile_cache_runs(spec: dict, isolate: bool) -> dict:
+    """Cold then warm process start against one fresh persistent cache directory."""
+    cache_dir = tempfile.mkdtemp(prefix="lgmrec-jax-cache-")
+    base = dict(spec, epochs_to_time=1, eval_repeats=1, profile=False, full_run=False, compile_cache_dir=cache_dir)
+    out = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"]}
+    try:
+        for phase in ("cold", "warm"):
+            res = run_isolated(base) if isolate else run_config(base)
+            if "error" in res:
+                out[phase] = {"error": res["error"]}
+                continue
+            out[phase] = {"trace_lower_s": res["compile"].get("trace_lower_s"),
+                          "compile_s": res["compile"]["compile_s"], "first_epoch_s": res["first_epoch_s"],
+                          "epoch_s": res["epoch_s"], "eval_first_s": res.get("eval_first_s"),
+                          "eval_compile_s": res.get("eval_compile_s")}
+        out["cache_mb"] = round(sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(cache_dir)
+                                    for f in fs) / 2**20, 2)
+        if not isolate:
+            out["note"] = "in one process: the warm run also hits jit's in-memory cache"
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
+    return out
+
+
+def run_benchmark(settings: Settings, argv: Optional[list] = None) -> dict:
+    """Runs every configuration, writes bench_<tag>.json and .md under settings.out; returns the report.
+
+    With ``settings.append`` the results are added to the existing report of the same tag (one
+    report built by several commands; each result names the command that produced it).
+    """
+    now = lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    current = machine()
+    report = None
+    if settings.append and os.path.exists(paths(settings, current["backend"])[0]):
+        with open(paths(settings, current["backend"])[0]) as handle:
+            report = json.load(handle)
+    if report is None:
+        report = {"issue": 5, "machine": current, "runs": [], "results": [], "compile_cache": [],
+                  "reference": {"cpu": REFERENCE_CPU, "gpu_h100": REFERENCE_GPU}}
+    run = {"command": " ".join(argv) if argv else None, "started": now(), "settings": dataclasses.asdict(settings),
+           "git": current["git"]}
+    report["runs"].append(run)
+    index = len(report["runs"]) - 1
+    for spec in specs(settings):
+        logging.info("benchmark %s kernel=%s precision=%s patches=%s", spec["dataset"], spec["kernel"],
+                     spec["precision"], spec["patches"] or "-")
+        before = wait_idle(settings.wait_idle_s) if settings.wait_idle_s > 0 else None
+        res = run_isolated(spec) if settings.isolate else run_config(spec)
+        res.update(others_share_before=before, run=index)
+        report["results"].append(res)
+        write_report(report, settings)  # partial results survive an interrupted benchmark
+    if settings.compile_cache and specs(settings):
+        if settings.wait_idle_s > 0:
+            wait_idle(settings.wait_idle_s)
+        entry = compile_cache_runs(specs(settings)[0], settings.isolate)
+        entry["run"] = index
+        report["compile_cache"].append(entry)
+    run["finished"] = now()
+    write_report(report, settings)
+    return report
+
+
+def paths(settings: Settings, backend: str) -> tuple[str, str]:
+    tag = settings.tag or backend
+    return (os.path.join(settings.out, f"bench_{tag}.json"), os.path.join(settings.out, f"bench_{tag}.md"))
+
+
+def write_report(report: dict, settings: Settings) -> None:
+    os.makedirs(settings.out, exist_ok=True)
+    json_path, md_path = paths(settings, report["machine"]["backend"])
+    tmp = json_path + ".tmp"
+    with open(tmp, "w") as handle:
+        json.dump(report, handle, indent=2, sort_keys=True)
+        handle.write("\n")
+    os.replace(tmp, json_path)
+    with open(md_path + ".tmp", "w") as handle:
+        handle.write(markdown(report))
+    os.replace(md_path + ".tmp", md_path)
+
+
+# ----------------------------------------------------------------------------------- markdown
+
+
+def _f(x, digits=None):
+    """Fixed digits, or (default) three significant digits for times."""
+    if x is None:
+        return "-"
+    if digits is not None:
+        return f"{x:.{digits}f}"
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    v = m["versions"]
+    lines = [f"# lgmrec-jax benchmark ({m['backend']})", "",
+             f"Machine: {m['device_kind']} x{m['device_count']} ({m['backend']}); host {m['cpu']}, "
+             f"{m['cpu_count']} CPU cores, {m['host_memory_gib']} GiB RAM; {m['platform']}.  ",
+             f"Versions: jax {v.get('jax')}, jaxlib {v.get('jaxlib')}, flax {v.get('flax')}, optax {v.get('optax')}, "
+             f"numpy {v.get('numpy')}, python {v.get('python')}, lgmrec_jax {v.get('lgmrec_jax')}.", "",
+             "Commands (each result's `run` column refers to this list):", ""] + [
+                 f"{i}. `{r['command'] or 'run_benchmark(...)'}` ({r['started']} - {r.get('finished', 'unfinished')}, "
+                 f"commit {r['git']['commit'][:10] or '?'}"
+                 + (f" + uncommitted {', '.join(r['git']['lgmrec_jax_uncommitted'])}" if r['git']['lgmrec_jax_uncommitted'] else "")
+                 + ")" for i, r in enumerate(report["runs"])] + ["",
+             "*code*: sha256 of lgmrec_jax/*.py when the configuration started (the working tree is shared "
+             "and changes). Times in seconds, wall clock, device work synchronised. *compile*: the train-epoch program "
+             "lowered + compiled ahead of time (trace+lower / XLA compile). *epoch*: median (and min) of the "
+             "timed steady `Experiment.train_epoch` calls, count in *n* (host sampling, "
+             "transfer and the compiled scan over all steps). *eval*: median valid+test `Experiment.evaluate` "
+             "(compiled blocked top-k + host metrics); *eval compile*: first evaluation minus steady. "
+             "*peak mem*: peak RSS of the process (MB) and, on accelerators, device peak_bytes_in_use (MB). "
+             "*epoch CPU s*: CPU seconds of the process per steady epoch (all threads). *others' CPU share*: "
+             "the largest share of the machine's CPU capacity that other processes used during a timed epoch "
+             "or evaluation (0 = the machine was ours; wall times with a large share are inflated).", "",
+             "| run | code | dataset | users | items | train rows | kernel | precision | patches | compile (trace+lower / XLA) | "
+             "first epoch | n | epoch (min) | epoch CPU s | steps/s | sampler | eval | eval compile | peak RSS | device peak | "
+             "others' CPU share | vs ref epoch |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    refs = report["reference"]["cpu" if m["backend"] == "cpu" else "gpu_h100"]
+    for r in report["results"]:
+        if "error" in r:
+            lines.append(f"| {r.get('run', 0)} | | {r['dataset']} | | | | {r['kernel']} | {r['matmul_precision']} | "
+                         f"{','.join(r['patches']) or '-'} | error: {r['error']} |" + " |" * 12)
+            continue
+        c = r["compile"]
+        comp = (f"{_f(c.get('trace_lower_s'))} / {_f(c['compile_s'])}" if "trace_lower_s" in c else _f(c["compile_s"]))
+        ref = refs.get(r["dataset"], {}).get("epoch_s")
+        vs = f"{ref / r['epoch_s']:.1f}x faster" if ref else "-"
+        mem = r["memory"]
+        shares = [x for x in r.get("epoch_others_share", []) + r.get("eval_others_share", []) if x is not None]
+        lines.append(
+            f"| {r.get('run', 0)} | {r.get('code', {}).get('lgmrec_jax_sha256_12', '-')[:7]} | {r['dataset']} | {r['n_users']} | {r['n_items']} | {r['n_train']} | {r['kernel']} | "
+            f"{r['matmul_precision']} | {','.join(r['patches']) or '-'} | {comp} | {_f(r['first_epoch_s'])} | "
+            f"{len(r['epoch_times_s'])} | {_f(r['epoch_s'])} ({_f(r.get('epoch_min_s'))}) | {_f(r.get('epoch_cpu_s'))} | {_f(r['steps_per_s'])} | "
+            f"{_f(r['sampler_s'])} | {_f(r.get('eval_s'))} | {_f(r.get('eval_compile_s'))} | "
+            f"{_f(mem['peak_rss_mb'], 0)} | {_f(mem.get('device_peak_bytes_in_use_mb'), 0)} | "
+            f"{_f(max(shares), 2) if shares else '-'} | {vs} |")
+    full = [r for r in report["results"] if r.get("full_run")]
+    if full:
+        lines += ["", "## Full early-stopped runs", "",
+                  "| dataset | kernel | precision | wall | status | epochs | best epoch | best valid R@20 | "
+                  "median train | median eval |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in full:
+            f = r["full_run"]
+            lines.append(f"| {r['dataset']} | {r['kernel']} | {r['matmul_precision']} | {_f(f['wall_s'], 1)} | "
+                         f"{f['status']} | {f['epochs_run']} | {f['best_epoch']} | {_f(f['best_valid_recall@20'], 4)} | "
+                         f"{_f(f['median_train_s'])} | {_f(f['median_eval_s'])} |")
+    scaled = [r for r in report["results"] if "error" not in r and parse_scaled(r["dataset"])]
+    if len(scaled) > 1:
+        base = min(scaled, key=lambda r: r["n_train"])
+        lines += ["", "## Scaling (clothing x scale)", "",
+                  "Ratios are relative to the smallest scale; linear growth means epoch and memory ratios "
+                  "close to the interaction ratio.", "",
+                  "| dataset | interactions ratio | catalogue ratio | epoch | epoch ratio | eval | peak RSS | "
+                  "device peak |", "|---|---|---|---|---|---|---|---|"]
+        for r in sorted(scaled, key=lambda r: r["n_train"]):
+            lines.append(f"| {r['dataset']} | {r['n_train'] / base['n_train']:.2f} | "
+                         f"{r['n_items'] / base['n_items']:.2f} | {_f(r['epoch_s'])} | "
+                         f"{r['epoch_s'] / base['epoch_s']:.2f} | {_f(r.get('eval_s'))} | "
+                         f"{_f(r['memory']['peak_rss_mb'], 0)} | "
+                         f"{_f(r['memory'].get('device_peak_bytes_in_use_mb'), 0)} |")
+    for cache in report.get("compile_cache") or []:
+        lines += ["", f"## Persistent compilation cache ({cache['dataset']}, {cache['kernel']}, run {cache.get('run', 0)})", "",
+                  "Two fresh processes against one empty `jax_compilation_cache_dir` "
+                  "(`jax_persistent_cache_min_compile_time_secs=0`).", "",
+                  "| start | trace+lower | XLA compile (train epoch) | first eval - steady eval |", "|---|---|---|---|"]
+        for phase in ("cold", "warm"):
+            p = cache.get(phase, {})
+            lines.append(f"| {phase} | {_f(p.get('trace_lower_s'))} | {_f(p.get('compile_s'))} | "
+                         f"{_f(p.get('eval_compile_s'))} |")
+        lines.append(f"\nCache size: {cache.get('cache_mb')} MB.")
+    profiled = [r for r in report["results"] if r.get("profile")]
+    for r in profiled:
+        p = r["profile"]
+        lines += ["", f"## Epoch breakdown: {r['dataset']}, {r['kernel']}, {','.join(r['patches']) or 'no patches'}",
+                  "", f"Each row is a variant step compiled as a `lax.scan` over the first {p.get('steps_timed')} of "
+                  f"the epoch's {p['n_batches']} batches, scaled to the whole epoch; see `profile_epoch` in "
+                  "experiments/bench.py.", "", "| part | seconds per epoch (median of 2) | min | CPU s | others' CPU share |", "|---|---|---|---|---|",
+                  f"| host: negative sampling | {_f(p['sampler_s'])} | | | |",
+                  f"| host: transfer of batches | {_f(p['transfer_s'])} | | | |"]
+        for name, val in p.items():
+            if isinstance(val, dict) and "epoch_s" in val:
+                lines.append(f"| {name} | {_f(val['epoch_s'])} | {_f(val.get('epoch_min_s'))} | {_f(val.get('cpu_s'))} | "
+                             f"{_f(val.get('others_share'), 2)} |")
+        if "eval" in p:
+            e = p["eval"]
+            lines += ["", f"Evaluation (valid+test, {e['blocks']} blocks): device {_f(e['device_per_block_s'])} s with one "
+                      f"forward per block (the run's eval_noise=per_block), {_f(e['device_one_forward_per_split_s'])} s "
+                      f"with one forward per split; host metrics {_f(e['host_metrics_s'])} s."]
+    lines.append("")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def define_flags() -> None:
+    """The command line; defined only when run as a program, so importing this module (tests,
+    notebooks) never clashes with other modules' absl flags such as --data_dir or --kernel."""
+    flags.DEFINE_list("presets", ["baby"], f"Synthetic presets to run, from {PRESET_NAMES}.")
+    flags.DEFINE_list("scales", [], "Scale factors of clothing (users, items, interactions), e.g. 0.25,0.5,1,2.")
+    flags.DEFINE_string("feature_dims", "", "IMAGE,TEXT feature widths for the scaled presets (default: "
+                        "clothing's 4096,384).")
+    flags.DEFINE_integer("epochs_to_time", 3, "Steady epochs timed per configuration (median reported).")
+    flags.DEFINE_integer("eval_repeats", 3, "Steady valid+test evaluations timed (median); 0 skips evaluation.")
+    flags.DEFINE_bool("full_run", False, "Also time a full early-stopped run (slow on CPU).")
+    flags.DEFINE_list("full_run_presets", [], "With --full_run: only these presets (e.g. default); empty = all.")
+    flags.DEFINE_integer("max_epochs", 0, "Epoch cap of the full run (0: the config's).")
+    flags.DEFINE_list("kernel", ["segment_sum"], "Propagation kernels to compare: segment_sum, bcoo.")
+    flags.DEFINE_list("matmul_precision", ["highest"], "Matmul precisions to compare: highest, high, default.")
+    flags.DEFINE_multi_string("patch", [], "A comma-separated set of experimental monkeypatches (names in "
+                              "experiments.bench.PATCHES), measured as one more configuration next to the "
+                              "unpatched one; repeat the flag for several sets.")
+    flags.DEFINE_bool("baseline", True, "With --patch: also run the unpatched configuration.")
+    flags.DEFINE_bool("profile", False, "Also break a steady epoch down by timing ablations.")
+    flags.DEFINE_integer("profile_steps", 16, "Steps per profiled variant (the first of an epoch; times are "
+                         "scaled to the whole epoch); 0 = the whole epoch.")
+    flags.DEFINE_bool("compile_cache", False, "Also measure cold vs warm persistent compilation cache.")
+    flags.DEFINE_integer("wait_idle_s", 0, "Before each configuration wait up to this long for other processes "
+                         "to leave the CPUs (under 20% use); 0 does not wait. The share seen is recorded.")
+    flags.DEFINE_bool("isolate", True, "Run each configuration in its own process (per-configuration memory).")
+    flags.DEFINE_string("out", os.path.join(REPO, "experiments", "results"), "Results directory.")
+    flags.DEFINE_string("tag", "", "Result file suffix: bench_<tag>.json/md (default: the backend).")
+    flags.DEFINE_bool("append", False, "Add the results to the existing bench_<tag>.json instead of replacing it.")
+    flags.DEFINE_string("data_dir", "./data", "Directory of the (generated) datasets.")
+    flags.DEFINE_string("worker", "", "(internal) JSON spec of one configuration to run in this process.")
+    flags.DEFINE_string("worker_out", "", "(internal) where the worker writes its JSON result.")
+
+
+def settings_from_flags() -> Settings:
+    dims = None
+    if FLAGS.feature_dims:
+        parts = [int(x) for x in FLAGS.feature_dims.split(",")]
+        if len(parts) != 2 or min(parts) < 1:
+            raise app.UsageError(f"--feature_dims={FLAGS.feature_dims}: expected IMAGE,TEXT positive widths")
+        dims = tuple(parts)
+    patch_sets = [tuple(n for n in group.split(",") if n) for group in FLAGS.patch]
+    for name in (n for group in patch_sets for n in group):
+        if name not in PATCHES:
+            raise app.UsageError(f"--patch={name}: unknown; expected one of {sorted(PATCHES)}")
+    return Settings(presets=tuple(FLAGS.presets), scales=tuple(float(s) for s in FLAGS.scales), feature_dims=dims,
+                    epochs_to_time=max(1, FLAGS.epochs_to_time), eval_repeats=FLAGS.eval_repeats,
+                    full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
+                    precisions=tuple(FLAGS.matmul_precision), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
+                    compile_cache=FLAGS.compile_cache, isolate=FLAGS.isolate, wait_idle_s=FLAGS.wait_idle_s, out=FLAGS.out, tag=FLAGS.tag, append=FLAGS.append,
+                    data_dir=FLAGS.data_dir)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    logging.set_verbosity(logging.INFO)
+    if FLAGS.worker:
+        result = run_config(json.loads(FLAGS.worker))
+        with open(FLAGS.worker_out, "w") as handle:
+            json.dump(result, handle)
+        return
+    settings = settings_from_flags()
+    report = run_benchmark(settings, argv=["python -m experiments.bench"] + sys.argv[1:])
+    json_path, md_path = paths(settings, report["machine"]["backend"])
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

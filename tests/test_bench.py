@@ -1,0 +1,58 @@
+"""The benchmark harness (experiments/bench.py): a smoke run on synthetic_tiny and its report files.
+
+No timing thresholds: only that the documented fields exist and hold positive numbers.
+"""
+
+import json
+
+import pytest
+
+from experiments import bench
+
+
+def positive(x):
+    return isinstance(x, (int, float)) and x > 0
+
+
+def test_smoke_run_writes_json_and_markdown(synthetic_dir, tmp_path):
+    settings = bench.Settings(presets=("tiny",), epochs_to_time=1, eval_repeats=1, isolate=False,
+                              out=str(tmp_path), tag="smoke", data_dir=synthetic_dir)
+    bench.run_benchmark(settings, argv=["python -m experiments.bench", "--presets=tiny"])
+
+    report = json.loads((tmp_path / "bench_smoke.json").read_text())
+    machine = report["machine"]
+    assert machine["backend"] and machine["versions"]["jax"] and positive(machine["cpu_count"])
+    (run,) = report["runs"]
+    assert run["command"].startswith("python -m experiments.bench") and run["finished"]
+    (result,) = report["results"]
+    assert "error" not in result
+    for field in bench.RESULT_FIELDS:
+        assert field in result, field
+    assert result["dataset"] == "synthetic_tiny" and result["kernel"] == "segment_sum"
+    for field in ("n_users", "n_items", "n_train", "n_batches", "setup_s", "first_epoch_s", "epoch_s",
+                  "steps_per_s", "eval_s", "eval_first_s"):
+        assert positive(result[field]), (field, result[field])
+    assert positive(result["compile"]["compile_s"]) and positive(result["compile"]["trace_lower_s"])
+    assert len(result["epoch_times_s"]) == 1 and all(map(positive, result["epoch_times_s"]))
+    assert len(result["eval_times_s"]) == 1 and all(map(positive, result["eval_times_s"]))
+    assert result["sampler_s"] >= 0 and result["eval_compile_s"] >= 0
+    assert positive(result["memory"]["peak_rss_mb"])
+
+    table = (tmp_path / "bench_smoke.md").read_text()
+    assert "| dataset | users | items |" in table
+    assert "| synthetic_tiny | 60 | 45 |" in table
+    assert machine["cpu"] in table and f"jax {machine['versions']['jax']}" in table
+
+
+def test_scaled_preset_names_and_sizes():
+    settings = bench.Settings(presets=("baby",), scales=(0.5, 2.0), feature_dims=(64, 32))
+    assert bench.dataset_names(settings) == ["synthetic_baby", "synthetic_clothing_x0.5_f64-32",
+                                             "synthetic_clothing_x2_f64-32"]
+    assert bench.parse_scaled("synthetic_clothing_x0.25") == (0.25, None)
+    assert bench.parse_scaled("synthetic_clothing_x2_f64-32") == (2.0, (64, 32))
+    assert bench.parse_scaled("synthetic_baby") is None
+    preset = bench.scaled_preset(0.5, (64, 32))
+    assert (preset.n_users, preset.n_items, preset.n_interactions) == (19694, 11516, 139338)
+    assert (preset.image_dim, preset.text_dim) == (64, 32)
+    with pytest.raises(ValueError):
+        bench.dataset_names(bench.Settings(presets=("nope",)))
