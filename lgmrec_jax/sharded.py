@@ -29,7 +29,7 @@ from jax.experimental import sparse
 
 from lgmrec_jax import losses, trainer
 from lgmrec_jax.graph import Graph, propagate
-from lgmrec_jax.model import sample_noise
+from lgmrec_jax.model import frozen_feature_matmul, sample_noise
 
 AXIS = "devices"
 
@@ -59,7 +59,7 @@ class ShardedOps:
         return self.gather(propagate(matrix, x, self.kernel), n_rows)  # matrix: this device's row block
 
     def feature_matmul(self, feat, weight, n_items: int):
-        return self.gather(feat @ weight, n_items)  # feat: this device's block of item rows
+        return self.gather(frozen_feature_matmul(feat, weight), n_items)  # feat: this device's item rows
 
     def matmul(self, a, b):
         return self.gather(self.local_rows(a) @ b, a.shape[0])
