@@ -310,8 +310,80 @@ def _patch_propagate_transpose():
     _set(model_lib, "propagate", propagate)
 
 
+def _patch_batched_propagation():
+    """One propagation per graph matrix and layer instead of one per embedding block.
+
+    The forward multiplies the same matrices by several independent blocks: R by the projected items
+    of each modality and by the hyperedge logits of each modality (2 * (64 + H) columns), and A_hat,
+    layer by layer, by the CGE block and each modality's MGE block (3 x 64 columns). Concatenating
+    the blocks along the columns gives one gather + segment_sum (and one transposed product in the
+    backward) per matrix and layer: the sparse indices are read once and the rows are wider. Same
+    arithmetic per column. Applies when CGE, MGE and GHE are all on, cf_model is lightgcn and
+    n_ui_layers == n_mm_layers (the paper's configs); otherwise the model's own forward runs.
+    Patches the class that trainer.make_model builds.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    import lgmrec_jax.model as model_lib
+    from lgmrec_jax import trainer
+
+    base = model_lib.LGMRec
+
+    class BatchedPropagationLGMRec(base):
+        def __call__(self, graph, feats, noise):
+            mods = self.modalities
+            if not (mods and self.use_cge and self.use_mge and self.use_ghe and self.cf_model == "lightgcn"
+                    and self.n_ui_layers == self.n_mm_layers):
+                return super().__call__(graph, feats, noise)
+            ops, n_users, n_items, d = self.big_ops, self.n_users, self.n_items, self.embedding_size
+            proj = [ops.feature_matmul(feats[m], self.proj[m], n_items) for m in mods]
+            logits = [ops.feature_matmul(feats[m], self.hyper[m], n_items) for m in mods]
+            widths = [d] * len(mods) + [self.hyper_num] * len(mods)
+            user_side = ops.propagate(graph.interactions, jnp.concatenate(proj + logits, axis=1), n_users)
+            parts = jnp.split(user_side, np.cumsum(widths)[:-1].tolist(), axis=1)
+            user_proj, user_logits = parts[:len(mods)], parts[len(mods):]
+            x0 = jnp.concatenate([self.user_emb, self.item_emb], axis=0)
+            y0 = [jnp.concatenate([u * graph.user_inv_deg, p], axis=0) for u, p in zip(user_proj, proj)]
+            layers = [jnp.concatenate([x0] + y0, axis=1)]
+            for _ in range(self.n_ui_layers):
+                layers.append(ops.propagate(graph.norm_adj, layers[-1], n_users + n_items))
+            c = jnp.mean(jnp.stack([layer[:, :d] for layer in layers]), axis=0)
+            fused = c
+            for i in range(len(mods)):
+                fused = fused + model_lib.l2_normalize(layers[-1][:, d * (i + 1): d * (i + 2)])
+            assign = {}
+            for m, item_logits, u_logits in zip(mods, logits, user_logits):
+                assign[f"{m}_item"] = model_lib.gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"])
+                assign[f"{m}_user"] = model_lib.gumbel_softmax(u_logits, noise.gumbel[f"{m}_user"])
+                if m == "t" and self.legacy_text_user_hyper:
+                    assign["v_user"] = assign["t_user"]
+                    assign["t_user"] = u_logits
+            keep = noise.keep or {}
+            hyper, ghe = {}, 0.0
+            for m in mods:
+                item_h = self.dropout(assign[f"{m}_item"], keep.get(f"{m}_item"))
+                user_h = self.dropout(assign[f"{m}_user"], keep.get(f"{m}_user"))
+                hyper[f"{m}_user"], hyper[f"{m}_item"] = model_lib.hgnn(item_h, user_h, c[n_users:],
+                                                                        self.n_hyper_layer, ops)
+                ghe = ghe + jnp.concatenate([hyper[f"{m}_user"], hyper[f"{m}_item"]], axis=0)
+            fused = fused + self.alpha * model_lib.l2_normalize(ghe)
+            return model_lib.Outputs(fused[:n_users], fused[n_users:], hyper)
+
+    _set(trainer, "LGMRec", BatchedPropagationLGMRec)
+
+
+def _patch_feature_matmul_autodiff():
+    """model.LocalOps.feature_matmul as plain ``feat @ weight`` differentiated by JAX, as before
+    commit c118d5b (which adopted feature_matmul_vjp). Kept to measure that change in one run."""
+    import lgmrec_jax.model as model_lib
+
+    _set(model_lib.LocalOps, "feature_matmul", lambda self, feat, weight, n_items: feat @ weight)
+
+
 PATCHES = {"infonce_matmul": _patch_infonce_matmul, "infonce_vmap": _patch_infonce_vmap,
-           "feature_matmul_vjp": _patch_feature_matmul_vjp,
+           "feature_matmul_vjp": _patch_feature_matmul_vjp, "feature_matmul_autodiff": _patch_feature_matmul_autodiff,
+           "batched_propagation": _patch_batched_propagation,
            "propagate_transpose": _patch_propagate_transpose}
 
 
