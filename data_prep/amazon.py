@@ -18,7 +18,6 @@ stderr naming the file and line (or byte offset), unless ``--skip_bad_lines`` is
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shlex
@@ -34,6 +33,7 @@ from absl import logging
 
 from data_prep import raw_amazon
 from data_prep.raw_amazon import BadLines, PrepError, RawInteractions
+from lgmrec_jax.data import sha256_file
 
 
 def make_flags() -> flags.FlagValues:
@@ -345,7 +345,7 @@ def _build(opts: Options, name: str, tmp: str, text_encoder: Optional[TextEncode
     card["raw"]["bad_lines_by_file"] = dict(bad.counts)
     card["raw"]["bad_line_examples"] = list(bad.examples)
     card["inputs"] = {p: _file_info(p) for p in (inter_path, opts.meta, opts.image_features) if p}
-    card["files"] = {f: _sha256(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
+    card["files"] = {f: sha256_file(os.path.join(tmp, f)) for f in sorted(os.listdir(tmp))}
     card["seconds"] = round(time.time() - started, 3)
     with open(os.path.join(tmp, "dataset_card.json"), "w", encoding="utf-8") as handle:
         json.dump(card, handle, indent=2, sort_keys=False)
@@ -397,16 +397,10 @@ def _text_features(opts: Options, tmp: str, wanted: dict, bad: BadLines, encoder
             "duplicate_meta_records": meta.duplicates, "max_norm_error": float(np.abs(norms - 1.0).max())}
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _file_info(path: str) -> dict:
-    return {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    return {"bytes": os.path.getsize(path), "sha256": sha256_file(path)}
 
 
 # ---------------------------------------------------------------- command line
