@@ -13,11 +13,15 @@ are checked against ``lgmrec_jax/configs/default.py``: an unknown key is an erro
 ``--seeds=0,1,2`` runs every added config that sets no seed once per seed; ``--dry_run`` lists a
 shard's program groups without training.
 
-Execution (``--mode=vmap``, the default): configs that differ only in per-config values (seed,
+Execution (``--mode=group``, the default): configs that differ only in per-config values (seed,
 alpha, keep_rate, cl_weight, reg_weight, learning_rate, epochs, stopping_step) form a group,
-trained together as one compiled program (``lgmrec_jax/multi.py``: stacked, vmapped on a device,
-pmapped over ``--devices``), each with its own early stopping; each config lives on one device, so
-its recorded config says ``num_devices=1``. Groups of other shapes (layers, hyper_num, the ablation
+trained together as one compiled program (``lgmrec_jax/multi.py``: stacked on a device, pmapped
+over ``--devices``), each with its own early stopping; each config lives on one device, so its
+recorded config says ``num_devices=1``. ``--batching`` picks how a group's configs share a step:
+``map`` (default: one after another inside the program; bitwise the single runs' numbers),
+``vmap`` (batched; equal to float32 reassociation per step) or ``vmap_columns`` (vmap, and each
+sparse propagation once over all configs' columns); experiments/results/bench_grid_cpu.md measures
+them (on the 2-core CPU none beats one-after-another beyond noise; a GPU measurement is pending). Groups of other shapes (layers, hyper_num, the ablation
 switches) run one after another as separate programs, and JAX's persistent compilation cache
 (``--compilation_cache_dir``) keeps compiled programs across groups, shards and reruns.
 ``--mode=sequential`` runs each config as a plain single run (lgmrec_jax.run) instead.
@@ -68,7 +72,7 @@ from absl import app, flags, logging
 
 GRIDS_PACKAGE = "experiments.grids"
 GRIDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids")
-MODES = ("vmap", "sequential")
+MODES = ("group", "sequential")
 SUMMARY_KEYS = ("status", "best_epoch", "epochs_run", "total_wall_s")
 TABLE_METRICS = (("valid", "recall@20"), ("valid", "ndcg@20"), ("test", "recall@10"), ("test", "recall@20"),
                  ("test", "ndcg@10"), ("test", "ndcg@20"), ("test", "precision@20"), ("test", "map@20"))
@@ -357,7 +361,7 @@ def setup_compilation_cache(path: Optional[str]) -> Optional[str]:
 
 def run_grid(name: str, dataset: str, data_dir: str, workdir: Optional[str] = None,
              base_overrides: Optional[dict] = None, seeds: Optional[list[int]] = None,
-             shard: tuple[int, int] = (0, 1), devices: int = 1, max_group: int = 64, mode: str = "vmap",
+             shard: tuple[int, int] = (0, 1), devices: int = 1, max_group: int = 64, mode: str = "group",
              repack: bool = True, restart: bool = False, eval_chunk: Optional[int] = None,
              stop_after_epochs: Optional[int] = None, plots: bool = True, batching: str = "map") -> dict:
     """Runs (or resumes) shard ``shard`` of grid ``name``; returns {"summaries": {cid: summary}, ...}."""
@@ -378,7 +382,7 @@ def run_grid(name: str, dataset: str, data_dir: str, workdir: Optional[str] = No
     base = base_config(dataset, base_overrides)
     points = expand(name, dataset, base, seeds)
     mine = resolve(shard_points(points, *shard), base, name)
-    if mode == "vmap":  # a group spreads whole configs over --devices: each config is on one device
+    if mode == "group":  # a group spreads whole configs over --devices: each config is on one device
         for p in mine:
             p.cfg.num_devices = 1
     workdir = workdir or default_workdir(name, dataset)
@@ -697,7 +701,7 @@ def define_flags() -> None:
     flags.DEFINE_string("grid", None, "Grid name (experiments/grids/<name>.py) or path to a .py grid file.")
     flags.DEFINE_string("grid_shard", "0/1", "Run shard i of n (0-based), e.g. 3/50 for array job 3 of 50.")
     flags.DEFINE_list("seeds", None, "Seeds for every config that sets none, e.g. 0,1,2.")
-    flags.DEFINE_enum("mode", "vmap", MODES, "vmap: same-shape configs as one program; sequential: one "
+    flags.DEFINE_enum("mode", "group", MODES, "group: same-shape configs as one program; sequential: one "
                       "single run after another.")
     flags.DEFINE_enum("batching", "map", ("map", "vmap", "vmap_columns"), "How a group's configs share its "
                       "program: map (one after another inside it; the single runs' numbers exactly), vmap "

@@ -54,7 +54,7 @@ from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import evaluation, losses, run as run_lib, sampler as sampler_lib, trainer
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
-from lgmrec_jax.model import sample_noise
+from lgmrec_jax.model import LocalOps, sample_noise
 
 TRACED_KEYS = ("alpha", "keep_rate", "cl_weight", "reg_weight", "learning_rate")
 HOST_KEYS = ("seed", "epochs", "stopping_step")
@@ -148,25 +148,16 @@ _propagate_columns.defvjp(_propagate_columns_fwd, _propagate_columns_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
-class ColumnOps:
+class ColumnOps(LocalOps):
     """The model's big products (``LGMRec.ops``) for a vmapped group: under ``vmap`` over configs a
     sparse propagation runs once over all configs' columns (an (n, K*d) block: one gather, one
     sorted segment_sum), instead of a gather/scatter with a config axis in its windows. Values are
-    those of the segment_sum kernel; the dense products keep their plain batching (XLA already
-    multiplies a shared feature matrix by all configs' weights in one matmul)."""
+    those of the segment_sum kernel. The dense products are LocalOps' (XLA already multiplies a
+    shared feature matrix by all configs' weights in one matmul)."""
 
     def propagate(self, matrix, x, n_rows: int):
         rows, cols = matrix.indices[:, 0], matrix.indices[:, 1]
         return _propagate_columns(matrix.data, rows, cols, x, jnp.zeros((n_rows,), jnp.int8))
-
-    def feature_matmul(self, feat, weight, n_items: int):
-        return feat @ weight
-
-    def matmul(self, a, b):
-        return a @ b
-
-    def tmatmul(self, a, b):
-        return a.T @ b
 
 
 # How a group's configs share a program (see the module docstring):
