@@ -1080,7 +1080,8 @@ def markdown(report: dict) -> str:
 def define_flags() -> None:
     """The command line; defined only when run as a program, so importing this module (tests,
     notebooks) never clashes with other modules' absl flags such as --data_dir or --kernel."""
-    flags.DEFINE_list("presets", ["baby"], f"Synthetic presets to run, from {PRESET_NAMES}.")
+    flags.DEFINE_list("presets", ["baby"], f"Synthetic presets to run, from {PRESET_NAMES} (default baby, none "
+                      "when only --scales is given).")
     flags.DEFINE_list("scales", [], "Scale factors of clothing (users, items, interactions), e.g. 0.25,0.5,1,2.")
     flags.DEFINE_string("feature_dims", "", "IMAGE,TEXT feature widths for the scaled presets (default: "
                         "clothing's 4096,384).")
@@ -1121,7 +1122,10 @@ def settings_from_flags() -> Settings:
     for name in (n for group in patch_sets for n in group):
         if name not in PATCHES:
             raise app.UsageError(f"--patch={name}: unknown; expected one of {sorted(PATCHES)}")
-    return Settings(presets=tuple(FLAGS.presets), scales=tuple(float(s) for s in FLAGS.scales), feature_dims=dims,
+    presets = tuple(FLAGS.presets)
+    if FLAGS.scales and not FLAGS["presets"].present:
+        presets = ()  # --scales alone runs only the scaled presets
+    return Settings(presets=presets, scales=tuple(float(s) for s in FLAGS.scales), feature_dims=dims,
                     epochs_to_time=max(1, FLAGS.epochs_to_time), eval_repeats=FLAGS.eval_repeats,
                     full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
                     precisions=tuple(FLAGS.matmul_precision), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
