@@ -49,9 +49,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from lgmrec_jax import train as _train  # noqa: E402,F401  defines --dataset, --data_dir, --workdir (reused)
+from lgmrec_jax import train as _train  # noqa: E402
 
 FLAGS = flags.FLAGS
+_train.define_run_flags()  # --dataset, --data_dir, --workdir, as lgmrec_jax.train
 flags.DEFINE_list("sizes", ["1", "4", "16", "64"], "Group sizes K measured on one device.")
 flags.DEFINE_list("batchings", ["map", "vmap", "vmap_columns"], "Group programs to time "
                   "(lgmrec_jax.multi.BATCHINGS).")

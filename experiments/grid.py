@@ -14,15 +14,15 @@ are checked against ``lgmrec_jax/configs/default.py``: an unknown key is an erro
 shard's program groups without training.
 
 Execution (``--mode=group``, the default): configs that differ only in per-config values (seed,
-alpha, keep_rate, cl_weight, reg_weight, learning_rate, epochs, stopping_step) form a group,
+alpha, keep_rate, cl_weight, reg_weight, learning_rate, tau, epochs, stopping_step) form a group,
 trained together as one compiled program (``lgmrec_jax/multi.py``: stacked on a device, pmapped
 over ``--devices``), each with its own early stopping; each config lives on one device, so its
 recorded config says ``num_devices=1``. ``--batching`` picks how a group's configs share a step:
 ``map`` (default: one after another inside the program; bitwise the single runs' numbers),
 ``vmap`` (batched; equal to float32 reassociation per step) or ``vmap_columns`` (vmap, and each
 sparse propagation once over all configs' columns); experiments/results/bench_grid_cpu.md measures
-them (on the 2-core CPU none beats one-after-another beyond noise; a GPU measurement is pending). Groups of other shapes (layers, hyper_num, the ablation
-switches) run one after another as separate programs, and JAX's persistent compilation cache
+them (on the 2-core CPU none beats one-after-another beyond noise; a GPU measurement is pending).
+Groups of other shapes (layers, hyper_num, the ablation switches) run one after another as separate programs, and JAX's persistent compilation cache
 (``--compilation_cache_dir``) keeps compiled programs across groups, shards and reruns.
 ``--mode=sequential`` runs each config as a plain single run (lgmrec_jax.run) instead.
 
@@ -673,30 +673,10 @@ def write_tables(manifest: dict, rows: list[dict], out_dir: str, plots: bool = T
 FLAGS = flags.FLAGS
 
 
-def define_distributed_flags() -> None:
-    flags.DEFINE_string("coordinator_address", None, "host:port of process 0, for jax.distributed.initialize.")
-    flags.DEFINE_integer("num_processes", 1, "Number of processes (hosts) taking part.")
-    flags.DEFINE_integer("process_id", 0, "This process's index, 0 .. num_processes-1.")
-
-
-def initialize_distributed() -> tuple[int, int]:
-    """Calls jax.distributed.initialize when asked; returns (process index, process count)."""
-    if FLAGS.num_processes <= 1 and not FLAGS.coordinator_address:
-        return 0, 1
-    if not FLAGS.coordinator_address:
-        raise GridError("--num_processes > 1 needs --coordinator_address=host:port")
-    if not 0 <= FLAGS.process_id < FLAGS.num_processes:
-        raise GridError(f"--process_id is {FLAGS.process_id}, expected 0 .. {FLAGS.num_processes - 1}")
-    import jax
-
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
-    return jax.process_index(), jax.process_count()
-
-
 def define_flags() -> None:
-    from lgmrec_jax import train  # defines --dataset, --data_dir, --workdir, --restart, --num_devices
+    from lgmrec_jax import distributed, train
 
+    train.define_run_flags()  # --dataset, --data_dir, --workdir, --restart, --num_devices
     train.define_config_flag()
     flags.DEFINE_string("grid", None, "Grid name (experiments/grids/<name>.py) or path to a .py grid file.")
     flags.DEFINE_string("grid_shard", "0/1", "Run shard i of n (0-based), e.g. 3/50 for array job 3 of 50.")
@@ -716,10 +696,11 @@ def define_flags() -> None:
     flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache (default: $LGMREC_JAX_CACHE "
                         "or ~/.cache/lgmrec_jax/xla; '' = off).")
     flags.DEFINE_bool("dry_run", False, "Print the configs and program groups of this shard; train nothing.")
-    define_distributed_flags()
+    distributed.define_flags()
 
 
 def main(argv):
+    from lgmrec_jax import distributed
     from lgmrec_jax.data import DatasetError
     from lgmrec_jax.cli import fail, setup_logging
     from lgmrec_jax.run import NonFiniteError, RunError
@@ -732,7 +713,7 @@ def main(argv):
     setup_logging()
     try:
         index, count = parse_shard(FLAGS.grid_shard)
-        pid, n_proc = initialize_distributed()
+        pid, n_proc = distributed.initialize_from_flags()
         index, count = index * n_proc + pid, count * n_proc
         setup_compilation_cache(FLAGS.compilation_cache_dir)
         seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
@@ -752,7 +733,7 @@ def main(argv):
         result = run_grid(FLAGS.grid, FLAGS.dataset, FLAGS.data_dir, FLAGS.workdir, overrides, seeds,
                           (index, count), FLAGS.devices, FLAGS.max_group, FLAGS.mode, FLAGS.repack, FLAGS.restart,
                           FLAGS.eval_chunk or None, batching=FLAGS.batching)
-    except (GridError, DatasetError, RunError, ValueError) as err:
+    except (GridError, DatasetError, RunError, ValueError) as err:  # ValueError: also DistributedError
         fail(str(err))
     except NonFiniteError as err:
         fail(str(err), code=3)

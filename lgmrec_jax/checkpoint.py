@@ -56,12 +56,24 @@ def state_bytes(state: Any) -> int:
 
 
 class Checkpoints:
-    def __init__(self, directory: str, keep: int):
+    """The latest ``keep`` checkpoints, plus the best by the valid metric when ``keep_best``.
+
+    They belong to this process alone. Orbax's default under jax.distributed treats a save as a
+    collective of all processes (barriers, process 0 writing), which would block or drop the saves
+    of a process that trains on its own (a grid's group, experiments/grid.py); a single run's
+    checkpoints are written by process 0 alone (lgmrec_jax/run.py).
+    """
+
+    def __init__(self, directory: str, keep: int, keep_best: bool = True):
         self.directory = os.path.abspath(directory)
-        policy = pp.AnyPreservationPolicy([pp.LatestN(n=keep), pp.BestN(get_metric_fn=_best_score, n=1)])
-        options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
-                                               cleanup_tmp_directories=True, create=True)
+        kept = [pp.LatestN(n=keep)] + ([pp.BestN(get_metric_fn=_best_score, n=1)] if keep_best else [])
+        me = jax.process_index()
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=pp.AnyPreservationPolicy(kept), enable_async_checkpointing=False,
+            cleanup_tmp_directories=True, create=False,  # orbax refuses create with active_processes
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
         try:
+            os.makedirs(self.directory, exist_ok=True)
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as err:
             raise CheckpointError(f"{self.directory}: cannot open the checkpoint directory ({_first_line(err)})") \
@@ -73,6 +85,9 @@ class Checkpoints:
         if epoch in self.manager.all_steps():
             self.quarantine(epoch, "replaced by a new save of the same epoch")
         metrics = None if valid_value is None else {"valid": float(valid_value), "epoch": epoch}
+        # Host copies: one transfer serves the fingerprint and the write, and orbax refuses to write a
+        # process's own device arrays under jax.distributed ("host local jax.Array").
+        state = jax.tree_util.tree_map(np.asarray, state)
         meta = {**meta, FINGERPRINT_KEY: fingerprint(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:

@@ -95,13 +95,13 @@ def masked_sq(x, mask):
     return jnp.sum(jnp.square(x) * mask[:, None])
 
 
-def loss_sums(out: Outputs, batch: Batch) -> LossSums:
+def loss_sums(out: Outputs, batch: Batch, tau: float = TAU) -> LossSums:
     e_u, e_p, e_n = out.user[batch.users], out.item[batch.pos], out.item[batch.neg]
     bpr = jnp.sum(jax.vmap(bpr_row)(e_u, e_p, e_n) * batch.mask)
     if "t_user" in out.hyper and "v_user" in out.hyper:
         h = out.hyper
-        hcl = (infonce(h["v_user"][batch.users], h["t_user"][batch.users], h["t_user"], batch.mask)
-               + infonce(h["v_item"][batch.pos], h["t_item"][batch.pos], h["t_item"], batch.mask))
+        hcl = (infonce(h["v_user"][batch.users], h["t_user"][batch.users], h["t_user"], batch.mask, tau)
+               + infonce(h["v_item"][batch.pos], h["t_item"][batch.pos], h["t_item"], batch.mask, tau))
     else:  # the contrastive loss needs two modalities
         hcl = jnp.zeros((), jnp.float32)
     return LossSums(bpr, hcl, masked_sq(e_u, batch.mask), masked_sq(e_p, batch.mask),
@@ -115,5 +115,5 @@ def combine(sums: LossSums, cl_weight: float, reg_weight: float) -> LossParts:
     return LossParts(bpr + cl_weight * sums.hcl + reg_weight * reg, bpr, sums.hcl, reg)
 
 
-def loss_parts(out: Outputs, batch: Batch, cl_weight: float, reg_weight: float) -> LossParts:
-    return combine(loss_sums(out, batch), cl_weight, reg_weight)
+def loss_parts(out: Outputs, batch: Batch, cl_weight: float, reg_weight: float, tau: float = TAU) -> LossParts:
+    return combine(loss_sums(out, batch, tau), cl_weight, reg_weight)

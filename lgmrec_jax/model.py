@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from lgmrec_jax.graph import Graph, propagate
 
 HYPER_KEYS = ("v_item", "v_user", "t_item", "t_user")  # the reference's order of use
-TAU = 0.2  # hard-coded in the reference, shared by the Gumbel softmax and the InfoNCE
+TAU = 0.2  # hard-coded in the reference, shared by the Gumbel softmax and the InfoNCE (config key tau)
 
 
 class Noise(NamedTuple):
@@ -140,6 +140,7 @@ class LGMRec(nn.Module):
     n_hyper_layer: int = 1
     keep_rate: float = 0.5
     alpha: float = 0.3
+    tau: float = TAU  # Gumbel-softmax temperature (the reference's hard-coded 0.2)
     cf_model: str = "lightgcn"
     legacy_text_user_hyper: bool = False
     kernel: str = "segment_sum"
@@ -199,8 +200,8 @@ class LGMRec(nn.Module):
         for m in self.modalities:
             item_logits = self.big_ops.feature_matmul(feats[m], self.hyper[m], self.n_items)
             user_logits = self.big_ops.propagate(graph.interactions, item_logits, self.n_users)  # sum of raw logits
-            out[f"{m}_item"] = gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"])
-            out[f"{m}_user"] = gumbel_softmax(user_logits, noise.gumbel[f"{m}_user"])
+            out[f"{m}_item"] = gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"], self.tau)
+            out[f"{m}_user"] = gumbel_softmax(user_logits, noise.gumbel[f"{m}_user"], self.tau)
             if m == "t" and self.legacy_text_user_hyper:
                 # SPEC §3.8 Q1: the logged revision overwrote the visual user assignment with the
                 # text one and left the text user assignment as raw logits.

@@ -56,7 +56,7 @@ from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.model import LocalOps, sample_noise
 
-TRACED_KEYS = ("alpha", "keep_rate", "cl_weight", "reg_weight", "learning_rate")
+TRACED_KEYS = ("alpha", "keep_rate", "cl_weight", "reg_weight", "learning_rate", "tau")
 HOST_KEYS = ("seed", "epochs", "stopping_step")
 PER_CONFIG_KEYS = TRACED_KEYS + HOST_KEYS
 FINAL_STATUSES = ("early_stopped", "max_epochs", "non_finite")
@@ -74,11 +74,13 @@ class Hyper(NamedTuple):
     cl_weight: Any
     reg_weight: Any
     learning_rate: Any
+    tau: Any
 
 
 class _LossWeights(NamedTuple):  # what make_train_step reads from a config
     cl_weight: Any
     reg_weight: Any
+    tau: Any
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +243,7 @@ class MultiProgram:
         self.devices = jax.local_devices()[:n_devices]
         if len(self.devices) < n_devices:
             raise GroupError(f"{n_devices} devices requested, {len(self.devices)} local devices available")
-        self.optimizer_template = trainer.make_optimizer(cfg)
+        self.optimizer_template = trainer.make_optimizer(cfg.learning_rate)
         init = self._vinit = jax.vmap(self._init_one)
         epoch, evaluate = self._device_epoch, self._device_eval
         if n_devices == 1:
@@ -252,7 +254,7 @@ class MultiProgram:
         else:  # graph and features copied to every device once, not broadcast on every call
             self._init = jax.pmap(init, devices=self.devices)
             self._epoch = jax.pmap(epoch, donate_argnums=(0,), devices=self.devices)
-            self._eval = jax.pmap(evaluate, in_axes=(0, 0, 0, 0, 0, None, None, None, 0, 0), devices=self.devices)
+            self._eval = jax.pmap(evaluate, in_axes=(0, 0, 0, 0, None, None, None, 0, 0), devices=self.devices)
             self._graph, self._feats = self._replicate(self.graph), self._replicate(self.feats)
         self._stream_keys = jax.jit(jax.vmap(trainer.stream_key, in_axes=(0, None, None)), static_argnums=(1,))
 
@@ -282,8 +284,8 @@ class MultiProgram:
     def _value(self, hyper: Hyper, key: str):
         return self.uniform[key] if key in self.uniform else getattr(hyper, key)
 
-    def _config_model(self, alpha, keep_rate):
-        return self.model.clone(alpha=self.uniform.get("alpha", alpha), keep_rate=self.uniform.get("keep_rate", keep_rate))
+    def _config_model(self, hyper: Hyper):
+        return self.model.clone(**{k: self._value(hyper, k) for k in ("alpha", "keep_rate", "tau")})
 
     def _init_one(self, seed):
         key = trainer.stream_key(seed, trainer.INIT_STREAM)
@@ -293,9 +295,9 @@ class MultiProgram:
         return trainer.TrainState(params, self.optimizer_template.init(params))
 
     def _config_step(self, state, hyper: Hyper, graph, feats, batch, key):
-        model = self._config_model(hyper.alpha, hyper.keep_rate)
-        optimizer = optax.adam(self._value(hyper, "learning_rate"))  # = trainer.make_optimizer, rate maybe traced
-        weights = _LossWeights(self._value(hyper, "cl_weight"), self._value(hyper, "reg_weight"))
+        model = self._config_model(hyper)
+        optimizer = trainer.make_optimizer(self._value(hyper, "learning_rate"))  # the rate maybe traced
+        weights = _LossWeights(*(self._value(hyper, k) for k in _LossWeights._fields))
         step = trainer.make_train_step(model, optimizer, weights)
         return step(state, graph, feats, batch, key)
 
@@ -325,23 +327,22 @@ class MultiProgram:
         states, parts = jax.lax.scan(body, states, (per_step, jnp.arange(n_batches)))
         return states, jnp.swapaxes(parts, 0, 1), _finite_per_config(states.params)
 
-    def _device_eval(self, params, alpha, keep_rate, graph, feats, block_users, mask_rows, mask_cols, keys,
-                     active):
-        def evaluate(p, a, kr, key):
-            split = evaluation.make_split_evaluator(self._config_model(a, kr), self.cfg.eval_noise)
+    def _device_eval(self, params, hyper, graph, feats, block_users, mask_rows, mask_cols, keys, active):
+        def evaluate(p, h, key):
+            split = evaluation.make_split_evaluator(self._config_model(h), self.cfg.eval_noise)
             return split(p, graph, feats, block_users, mask_rows, mask_cols, key)
 
         def one(args):
-            p, a, kr, key, act = args
+            p, h, key, act = args
             if self.batching != "map":
-                return evaluate(p, a, kr, key)
-            out = jax.eval_shape(evaluate, p, a, kr, key)
-            return jax.lax.cond(act, lambda: evaluate(p, a, kr, key), lambda: jnp.zeros(out.shape, out.dtype))
+                return evaluate(p, h, key)
+            out = jax.eval_shape(evaluate, p, h, key)
+            return jax.lax.cond(act, lambda: evaluate(p, h, key), lambda: jnp.zeros(out.shape, out.dtype))
 
-        xs = (params, alpha, keep_rate, keys, active)
+        xs = (params, hyper, keys, active)
         if self.batching == "map":
             return jax.lax.map(one, xs)
-        if self.eval_chunk < alpha.shape[0]:
+        if self.eval_chunk < active.shape[0]:
             return jax.lax.map(one, xs, batch_size=self.eval_chunk)
         return jax.vmap(lambda *a: one(a))(*xs)
 
@@ -366,7 +367,7 @@ class MultiProgram:
         results = [dict() if act else None for act in active]
         for i, (name, plan) in enumerate(self.plans.items()):
             split_keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i))
-            tops = self.get(self._eval(states.params, self.put(hyper.alpha), self.put(hyper.keep_rate),
+            tops = self.get(self._eval(states.params, self.put(hyper),
                                        self._graph, self._feats, *self.eval_arrays[name], self.put(split_keys),
                                        self.put(active)))
             for k in np.flatnonzero(active):
@@ -400,24 +401,6 @@ def read_summary(workdir: str) -> Optional[dict]:
 def identity_of(cfg, ds: Dataset, checksums: dict) -> dict:
     """run.run_identity with the dataset checksums computed once per group."""
     return {"dataset": ds.name, "config": cfg.to_dict(), "dataset_files": checksums}
-
-
-class GroupCheckpoints(ckpt_lib.Checkpoints):
-    """lgmrec_jax.checkpoint.Checkpoints for one process's group: the latest ``keep`` checkpoints,
-    written by this process alone. Under jax.distributed each process trains its own groups, so
-    orbax must not treat a save as a collective of all processes (its default: barriers across
-    processes and only process 0 writing), which would block or drop other processes' saves."""
-
-    def __init__(self, directory: str, keep: int):
-        import orbax.checkpoint as ocp
-
-        self.directory = os.path.abspath(directory)
-        me = jax.process_index()
-        os.makedirs(self.directory, exist_ok=True)
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep, enable_async_checkpointing=False, cleanup_tmp_directories=True, create=False,
-            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
 
 
 def _padded(items: list, multiple: int) -> list:
@@ -478,7 +461,8 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
     prog = MultiProgram(cfg0, ds, n_devices, eval_chunk, batching=batching,
                         uniform=uniform_values([m.cfg for m in members]))
     repack = repack and batching != "map"  # under map a finished config costs nothing already
-    checkpoints = GroupCheckpoints(os.path.join(group_dir, "checkpoints"), cfg0.keep_checkpoints)
+    checkpoints = ckpt_lib.Checkpoints(os.path.join(group_dir, "checkpoints"), cfg0.keep_checkpoints,
+                                       keep_best=False)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="group-sampler")
     try:
         restored = _restore(prog, checkpoints, members)

@@ -1,4 +1,4 @@
-"""Epoch runners: one device (jit) or data-parallel over local devices (pmap).
+"""Epoch runners: one device (jit) or data-parallel over devices (pmap; several processes too).
 
 A runner owns how the train state lives on the devices. The run loop only calls
 ``put`` (host/restored state -> runner layout), ``run_epoch`` and ``get`` (runner layout -> one copy,
@@ -32,6 +32,8 @@ class SingleDeviceRunner:
 
 
 def resolve_num_devices(requested: int) -> int:
+    """Devices of this process for the step (0: all of them); under jax.distributed every process
+    uses as many and the step spans them all."""
     available = jax.local_device_count()
     if requested < 0 or requested > available:
         raise ValueError(f"num_devices is {requested}, expected 0 (all) to {available} local devices")
@@ -40,7 +42,7 @@ def resolve_num_devices(requested: int) -> int:
 
 def make_runner(model, optimizer, cfg):
     n = resolve_num_devices(cfg.num_devices)
-    if n == 1:
+    if n == 1 and jax.process_count() == 1:
         return SingleDeviceRunner(model, optimizer, cfg)
     from lgmrec_jax import sharded  # the row-sharded multi-device step
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from lgmrec_jax import __version__
 from lgmrec_jax import checkpoint as ckpt_lib
-from lgmrec_jax import configs, evaluation, parallel, sampler as sampler_lib, trainer
+from lgmrec_jax import configs, distributed, evaluation, parallel, sampler as sampler_lib, trainer
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
@@ -198,34 +198,37 @@ class Workdir:
                 from None
         self.lock()  # before any write: a refused second run touches nothing
         try:
-            probe = self.file(f".write-probe-{os.getpid()}")
-            with open(probe, "w") as handle:
-                handle.write("ok")
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.remove(probe)
-        except OSError as err:
-            self.unlock()
-            raise RunError(f"{self.path}: workdir is not writable ({err.strerror}); choose another --workdir") \
-                from None
-        for name in ("config.json.tmp", "summary.json.tmp", "metrics.jsonl.tmp"):  # left by a kill
-            if os.path.exists(self.file(name)):
-                os.remove(self.file(name))
-        for probe in glob.glob(self.file(".write-probe-*")):
-            os.remove(probe)
-        if restart:
-            for name in os.listdir(self.path):
-                if name != ".lock":
-                    target = self.file(name)
-                    shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-        config_path = self.file("config.json")
-        if os.path.exists(config_path):
-            with open(config_path) as handle:
-                old = json.load(handle)
-            diffs = identity_differences(old.get("identity", {}), identity)
-            if diffs:
-                raise RunError(f"{self.path} holds a run with a different setup ({'; '.join(diffs)}); "
-                               f"use --restart to start over or choose another --workdir")
+            try:
+                probe = self.file(f".write-probe-{os.getpid()}")
+                with open(probe, "w") as handle:
+                    handle.write("ok")
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.remove(probe)
+            except OSError as err:
+                raise RunError(f"{self.path}: workdir is not writable ({err.strerror}); choose another --workdir") \
+                    from None
+            for name in ("config.json.tmp", "summary.json.tmp", "metrics.jsonl.tmp"):  # left by a kill
+                if os.path.exists(self.file(name)):
+                    os.remove(self.file(name))
+            for probe in glob.glob(self.file(".write-probe-*")):
+                os.remove(probe)
+            if restart:
+                for name in os.listdir(self.path):
+                    if name != ".lock":
+                        target = self.file(name)
+                        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+            config_path = self.file("config.json")
+            if os.path.exists(config_path):
+                with open(config_path) as handle:
+                    old = json.load(handle)
+                diffs = identity_differences(old.get("identity", {}), identity)
+                if diffs:
+                    raise RunError(f"{self.path} holds a run with a different setup ({'; '.join(diffs)}); "
+                                   f"use --restart to start over or choose another --workdir")
+        except BaseException:
+            self.unlock()  # a refused start leaves the workdir free
+            raise
 
     def lock(self) -> None:
         try:
@@ -299,7 +302,7 @@ class Experiment:
     def __init__(self, cfg, ds: Dataset):
         self.cfg, self.ds = cfg, ds
         self.model = trainer.make_model(cfg, ds)
-        self.optimizer = trainer.make_optimizer(cfg)
+        self.optimizer = trainer.make_optimizer(cfg.learning_rate)
         self.graph = build_graph(ds.train, ds.n_users, ds.n_items)
         self.feats = trainer.device_features(ds)
         self.sampler = sampler_lib.NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
@@ -367,7 +370,7 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
     configs.validate(cfg)
     wd = Workdir(workdir)
     identity = run_identity(cfg, ds)
-    wd.prepare(identity, restart)
+    _on_primary(lambda: wd.prepare(identity, restart))
     try:
         return _train(cfg, ds, wd, identity, stop_after_epochs)
     except ckpt_lib.CheckpointError as err:
@@ -417,33 +420,83 @@ def _read_summary(path: str) -> Optional[dict]:
         return None
 
 
+def _on_primary(fn):
+    """fn() on process 0 alone, the workdir's owner under jax.distributed (elsewhere None); a failure
+    there is raised on every process, so no process waits for a collective that never comes."""
+    result, failure = None, None
+    if distributed.is_primary():
+        try:
+            result = fn()
+        except (RunError, ckpt_lib.CheckpointError, OSError) as err:
+            failure = err
+    message = distributed.broadcast_json(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RunError(f"process 0: {message}")
+    return result
+
+
+def _open_workdir(cfg, ds, wd: Workdir, identity: dict, state):
+    """Process 0's side of a (re)start: (checkpoints, restored state or None, Progress, board, the
+    summary of a run already finished or None)."""
+    _check_free_space(wd, state)
+    checkpoints = ckpt_lib.Checkpoints(wd.file("checkpoints"), cfg.keep_checkpoints)
+    restored, progress = _restore(cfg, wd, checkpoints, state)
+    if restored is not None:
+        logging.info("resumed %s at epoch %d", wd.path, progress.epoch)
+    write_json_atomic(wd.file("config.json"), {"identity": identity, "versions": versions(),
+                                               "n_users": ds.n_users, "n_items": ds.n_items})
+    wd.rewrite_metrics(progress.history)
+    board = TensorBoard(wd.file("tensorboard"), progress.history) if cfg.tensorboard else None
+    summary_path, done = wd.file("summary.json"), None
+    stopped = progress.stopper is not None and EarlyStopping.from_state_dict(progress.stopper).should_stop
+    if stopped or progress.epoch >= cfg.epochs:
+        old = _read_summary(summary_path)
+        if old and old.get("status") in FINISHED and old.get("epochs_run") == progress.epoch:
+            done = old  # a finished run: the same command only reports it
+    elif os.path.exists(summary_path):
+        os.remove(summary_path)  # from an earlier session (a non-finite stop, fewer epochs): stale now
+    return checkpoints, restored, progress, board, done
+
+
+def _save(checkpoints: ckpt_lib.Checkpoints, epoch: int, state, meta: dict, valid_value) -> None:
+    with _FaultInSave(epoch):  # no-op unless LGMREC_FAULT asks
+        checkpoints.save(epoch + 1, state, meta, None if valid_value is None else round(valid_value, 4))
+    _kill_at("saved", epoch)
+
+
+def _record(wd: Workdir, board, row: dict) -> None:
+    wd.append_metrics(row)
+    if board is not None:
+        board.write(row)
+
+
 def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
+    """The run loop. Under jax.distributed every process runs it in step (the epochs are one
+    program over all their devices); process 0 alone evaluates and writes, and broadcasts the
+    restored state and each evaluation's metrics, so every process takes the same decisions."""
     started = time.time()
+    primary = distributed.is_primary()
     with jax.default_matmul_precision(cfg.matmul_precision):
         exp = Experiment(cfg, ds)
         state = exp.init_state()
-        _check_free_space(wd, state)
-        checkpoints = ckpt_lib.Checkpoints(wd.file("checkpoints"), cfg.keep_checkpoints)
-        restored, progress = _restore(cfg, wd, checkpoints, state)
+        checkpoints, restored, progress, board, done = (
+            _on_primary(lambda: _open_workdir(cfg, ds, wd, identity, state)) or (None, None, Progress(), None, None))
+        done = distributed.broadcast_json(done)
+        if done is not None:
+            if checkpoints is not None:
+                checkpoints.close()
+            return done
         if restored is not None:
             state = restored
-            logging.info("resumed %s at epoch %d", wd.path, progress.epoch)
+        if jax.process_count() > 1:
+            state = distributed.broadcast_tree(state)
+            progress = Progress(**distributed.broadcast_json(dataclasses.asdict(progress)))
         state = exp.runner.put(state)
         stopper = (EarlyStopping.from_state_dict(progress.stopper) if progress.stopper
                    else EarlyStopping(cfg.stopping_step))
-        write_json_atomic(wd.file("config.json"), {"identity": identity, "versions": versions(),
-                                                   "n_users": ds.n_users, "n_items": ds.n_items})
-        wd.rewrite_metrics(progress.history)
-        board = TensorBoard(wd.file("tensorboard"), progress.history) if cfg.tensorboard else None
-        summary_path = wd.file("summary.json")
-        finished = stopper.should_stop or progress.epoch >= cfg.epochs
-        if finished:
-            old = _read_summary(summary_path)
-            if old and old.get("status") in FINISHED and old.get("epochs_run") == progress.epoch:
-                checkpoints.close()
-                return old  # a finished run: the same command only reports it
-        elif os.path.exists(summary_path):
-            os.remove(summary_path)  # from an earlier session (a non-finite stop, fewer epochs): stale now
+        summary_path = wd.file("summary.json") if primary else None
 
         epochs_this_call = 0
         while not stopper.should_stop and progress.epoch < cfg.epochs:
@@ -456,13 +509,14 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
             loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
             host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
             parts, host_state = _inject_nan(parts, host_state, epoch)  # no-op unless LGMREC_FAULT asks
-            check_finite(parts, host_state, epoch, summary_path, progress, checkpoints.steps())
+            check_finite(parts, host_state, epoch, summary_path, progress,
+                         checkpoints.steps() if primary else None)
             train_s = time.time() - tick
             row = {"epoch": epoch, "loss": loss, "train_s": round(train_s, 4)}
             stop = False
             if (epoch + 1) % cfg.eval_step == 0 and exp.plans:
                 tick = time.time()
-                results = exp.evaluate(host_state.params, epoch)
+                results = distributed.broadcast_json(exp.evaluate(host_state.params, epoch) if primary else None)
                 row["eval_s"] = round(time.time() - tick, 4)
                 row.update(results)
                 stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],
@@ -476,19 +530,16 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
                 meta = dataclasses.asdict(progress)
                 meta["wall_s"] = progress.wall_s + time.time() - started  # earlier sessions + this one
                 valid_value = row.get("valid", {}).get(cfg.valid_metric)
-                with _FaultInSave(epoch):  # no-op unless LGMREC_FAULT asks
-                    checkpoints.save(progress.epoch, host_state, meta,
-                                     None if valid_value is None else round(valid_value, 4))
-                _kill_at("saved", epoch)
-            wd.append_metrics(row)
-            if board is not None:
-                board.write(row)
+                _on_primary(lambda: _save(checkpoints, epoch, host_state, meta, valid_value))
+            _on_primary(lambda: _record(wd, board, row))
             epochs_this_call += 1
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not stop \
                     and progress.epoch < cfg.epochs:
-                checkpoints.close()
+                if checkpoints is not None:
+                    checkpoints.close()
                 return {"status": "interrupted", "epoch": progress.epoch}
-        checkpoints.close()
+        if checkpoints is not None:
+            checkpoints.close()
         exp.batches.close()
         if board is not None:
             board.close()
@@ -502,7 +553,8 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
             "valid_metric": cfg.valid_metric,
             "total_wall_s": round(progress.wall_s + time.time() - started, 3),
         }
-        write_summary(summary_path, summary, progress.epoch - 1)
+        if primary:
+            write_summary(summary_path, summary, progress.epoch - 1)
         return summary
 
 
@@ -516,7 +568,7 @@ def write_summary(path: str, summary: dict, last_epoch: int) -> None:
     write_json_atomic(path, summary)
 
 
-def check_finite(parts: np.ndarray, state, epoch: int, summary_path: str, progress: Progress,
+def check_finite(parts: np.ndarray, state, epoch: int, summary_path: Optional[str], progress: Progress,
                  checkpoint_steps: Optional[list] = None) -> None:
     """Stops the run on a NaN/inf loss or parameter; summary.json records why. ``checkpoint_steps``
     are the saved checkpoints (default: one at ``progress.epoch``, as with checkpoint_every=1)."""
@@ -529,9 +581,10 @@ def check_finite(parts: np.ndarray, state, epoch: int, summary_path: str, progre
     kept = (f"the last good checkpoint (checkpoints/{last}, after {last} epochs) is kept" if last is not None
             else "no checkpoint had been saved yet")
     reason = f"non-finite loss or parameters in epoch {epoch}, {where}; {kept}"
-    write_summary(summary_path, {"status": "non_finite", "reason": reason, "epoch": epoch,
-                                 "step": int(bad_rows[0]) if bad_rows.size else None,
-                                 "last_good_checkpoint_epoch": last}, epoch)
+    if summary_path is not None:  # None: not process 0 (lgmrec_jax/distributed.py)
+        write_summary(summary_path, {"status": "non_finite", "reason": reason, "epoch": epoch,
+                                     "step": int(bad_rows[0]) if bad_rows.size else None,
+                                     "last_good_checkpoint_epoch": last}, epoch)
     raise NonFiniteError(reason)
 
 

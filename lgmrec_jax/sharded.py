@@ -109,13 +109,30 @@ def local_graph(shards: dict, shapes: dict, user_inv_deg) -> Graph:
     return Graph(norm_adj=bcoo("norm_adj"), interactions=bcoo("interactions"), user_inv_deg=user_inv_deg)
 
 
-class PmapRunner:
-    """Runs epochs data-parallel over ``n_devices`` local devices; the state is replicated."""
+def step_devices(per_process: int) -> list:
+    """The first ``per_process`` local devices of every process, process 0's first: the devices of
+    the step (all of them under jax.distributed, lgmrec_jax/distributed.py)."""
+    by_process: dict = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    return [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:per_process]]
 
-    def __init__(self, model, optimizer, cfg, n_devices: int):
-        self.n_devices = n_devices
-        self.devices = jax.local_devices()[:n_devices]
-        self.model = model.clone(ops=ShardedOps(n_devices, model.kernel))
+
+class PmapRunner:
+    """Runs epochs data-parallel over ``n_local`` devices of each process; the state is replicated.
+
+    Every array with a leading device axis is built in full on the host and each process passes its
+    own devices' block of it (pmap's multi-process contract), so one code path serves one process
+    and many.
+    """
+
+    def __init__(self, model, optimizer, cfg, n_local: int):
+        self.devices = step_devices(n_local)
+        self.n_devices = len(self.devices)  # across all processes
+        local = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
+        self.local_slice = slice(local[0], local[-1] + 1)
+        self.local_devices = self.devices[self.local_slice]
+        self.model = model.clone(ops=ShardedOps(self.n_devices, model.kernel))
         self.optimizer = optimizer
         self.cfg = cfg
         self._inputs = None  # (graph, feats) it was built for, and their sharded versions
@@ -123,13 +140,18 @@ class PmapRunner:
 
     def put(self, state):
         """One replica per device, laid out as pmap expects (leading device axis)."""
-        mesh = jax.sharding.Mesh(np.array(self.devices), (AXIS,))
+        mesh = jax.sharding.Mesh(np.array(self.local_devices), (AXIS,))
         sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-        stack = lambda x: np.broadcast_to(np.asarray(x), (self.n_devices,) + np.shape(x))
+        stack = lambda x: np.broadcast_to(np.asarray(x), (len(self.local_devices),) + np.shape(x))
         return jax.device_put(jax.tree_util.tree_map(stack, state), sharding)
 
     def get(self, state):
-        return jax.tree_util.tree_map(lambda x: x[0], state)
+        """This process's first replica (every replica is the same)."""
+        return jax.tree_util.tree_map(lambda x: x.addressable_data(0)[0], state)
+
+    def local(self, tree):
+        """This process's block of a tree of (n_devices, ...) host arrays."""
+        return jax.tree_util.tree_map(lambda x: x[self.local_slice], tree)
 
     def shard_inputs(self, graph: Graph, feats: dict):
         if self._inputs is None or self._inputs[0] is not graph or self._inputs[1] is not feats:
@@ -138,7 +160,7 @@ class PmapRunner:
             shapes = {name: (rows_per_device(getattr(graph, name).shape[0], n), getattr(graph, name).shape[1])
                       for name in shards}
             local_feats = {m: shard_features(f, n) for m, f in feats.items()}
-            self._inputs = (graph, feats, shards, local_feats)
+            self._inputs = (graph, feats, self.local(shards), self.local(local_feats))
             self._run = self.compile(shapes)
         return self._inputs[2], self._inputs[3]
 
@@ -148,7 +170,7 @@ class PmapRunner:
 
         def objective(params, graph, feats, batch, key):
             noise = sample_noise(key, noise_shapes, train=True, keep_rate=model.keep_rate)
-            local = losses.loss_sums(model.apply(params, graph, feats, noise), batch)
+            local = losses.loss_sums(model.apply(params, graph, feats, noise), batch, cfg.tau)
             total = jax.lax.psum(jax.lax.stop_gradient(local), AXIS)
             norms = [jnp.maximum(jnp.sqrt(s), 1e-30) for s in (total.sq_user, total.sq_pos, total.sq_neg)]
             # d||x|| = <x, dx> / ||x||: each device's share of the norm has the exact gradient.
@@ -187,10 +209,10 @@ class PmapRunner:
                 x = np.concatenate([x, np.zeros((x.shape[0], pad), x.dtype)], axis=1)
             return np.ascontiguousarray(x.reshape(x.shape[0], n, -1).transpose(1, 0, 2))
 
-        return losses.Batch(*(split(x) for x in batches))
+        return self.local(losses.Batch(*(split(x) for x in batches)))
 
     def run_epoch(self, state, graph, feats, batches, epoch_key, first_step):
         shards, local_feats = self.shard_inputs(graph, feats)
         state, parts = self._run(state, shards, local_feats, graph.user_inv_deg, self.split_batches(batches),
                                  epoch_key, first_step)
-        return state, jax.tree_util.tree_map(lambda x: x[0], parts)
+        return state, self.get(parts)

@@ -11,6 +11,9 @@ Exit status: 0 done, 2 bad input or a run that cannot start or continue (one lin
 stderr: the dataset is read and checked first, before JAX is imported or the workdir is touched, so
 bad data fails fast and leaves nothing behind), 3 a NaN/inf loss or parameter (summary.json says
 where). A killed run resumes when the same command is run again (see run.py).
+
+Several hosts: ``--coordinator_address=host:port --num_processes=P --process_id=p`` on each makes
+the run one data-parallel program over all their devices (lgmrec_jax/distributed.py).
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from lgmrec_jax import configs
+from lgmrec_jax import configs, distributed
 from lgmrec_jax.cli import fail, parse_flags, setup_logging
 from lgmrec_jax.configs import default as default_config
 from lgmrec_jax.data import DatasetError, load_dataset
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "synthetic", "Dataset name: a directory <data_dir>/<dataset>/ in MMRec format, "
-                    "or synthetic / synthetic_{tiny,baby,sports,clothing} (generated on first use).")
-flags.DEFINE_string("data_dir", "./data", "Directory holding the dataset directories.")
-flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>).")
-flags.DEFINE_bool("restart", False, "Discard what the workdir holds and start over.")
-flags.DEFINE_integer("num_devices", None, "Devices for the data-parallel training step (0: all local devices; "
-                     "default: config.num_devices, which is 0).")
+
+
+def define_run_flags() -> None:
+    """--dataset, --data_dir, --workdir, --restart, --num_devices (shared with experiments/grid.py).
+    Defined when a program starts, never on import, so importing this module defines no flags."""
+    flags.DEFINE_string("dataset", "synthetic", "Dataset name: a directory <data_dir>/<dataset>/ in MMRec "
+                        "format, or synthetic / synthetic_{tiny,baby,sports,clothing} (generated on first use).")
+    flags.DEFINE_string("data_dir", "./data", "Directory holding the dataset directories.")
+    flags.DEFINE_string("workdir", None, "Run directory (default: runs/<dataset>).")
+    flags.DEFINE_bool("restart", False, "Discard what the workdir holds and start over.")
+    flags.DEFINE_integer("num_devices", None, "Devices of each process for the data-parallel training step (0: "
+                         "all local devices; default: config.num_devices, which is 0).")
 
 
 def define_config_flag() -> None:
@@ -67,14 +75,16 @@ def main(argv):
     from lgmrec_jax import compile_cache  # JAX is imported only once the input is known to be good
     from lgmrec_jax.run import NonFiniteError, RunError, train_and_evaluate
 
-    compile_cache.enable()
     try:
+        distributed.initialize_from_flags()
+        compile_cache.enable()
         summary = train_and_evaluate(cfg, ds, workdir, restart=FLAGS.restart)
-    except (configs.ConfigError, DatasetError, RunError) as err:
+    except (configs.ConfigError, DatasetError, RunError, distributed.DistributedError) as err:
         fail(str(err))
     except NonFiniteError as err:
         fail(str(err), code=3)
-    print(json.dumps(summary, indent=2, sort_keys=True))
+    if distributed.is_primary():
+        print(json.dumps(summary, indent=2, sort_keys=True))
 
 
 def reject_unknown_config_keys(argv: list[str]) -> None:
@@ -88,6 +98,8 @@ def reject_unknown_config_keys(argv: list[str]) -> None:
 
 def run():
     reject_unknown_config_keys(sys.argv)
+    define_run_flags()
+    distributed.define_flags()
     define_config_flag()
     app.run(main, flags_parser=parse_flags)
 

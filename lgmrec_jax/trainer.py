@@ -40,7 +40,7 @@ def make_model(cfg, ds: Dataset) -> LGMRec:
     return LGMRec(n_users=ds.n_users, n_items=ds.n_items, feat_dims=feat_dims,
                   embedding_size=cfg.embedding_size, hyper_num=cfg.hyper_num, n_ui_layers=cfg.n_ui_layers,
                   n_mm_layers=cfg.n_mm_layers, n_hyper_layer=cfg.n_hyper_layer, keep_rate=cfg.keep_rate,
-                  alpha=cfg.alpha, cf_model=cfg.cf_model, legacy_text_user_hyper=cfg.legacy_text_user_hyper,
+                  alpha=cfg.alpha, tau=cfg.tau, cf_model=cfg.cf_model, legacy_text_user_hyper=cfg.legacy_text_user_hyper,
                   kernel=cfg.kernel, use_cge=cfg.use_cge, use_mge=cfg.use_mge, use_ghe=cfg.use_ghe)
 
 
@@ -48,8 +48,9 @@ def device_features(ds: Dataset) -> dict:
     return {m: jnp.asarray(f) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
 
 
-def make_optimizer(cfg) -> optax.GradientTransformation:
-    return optax.adam(cfg.learning_rate)  # (0.9, 0.999, 1e-8): PyTorch's Adam, eps after the sqrt
+def make_optimizer(learning_rate) -> optax.GradientTransformation:
+    """PyTorch's Adam: (0.9, 0.999, 1e-8), eps after the sqrt; the rate may be a traced value (grids)."""
+    return optax.adam(learning_rate)
 
 
 def init_state(model: LGMRec, optimizer, graph: Graph, feats: dict, seed: int) -> TrainState:
@@ -65,7 +66,7 @@ def make_train_step(model: LGMRec, optimizer, cfg, grad_reduce=None):
     def objective(params, graph, feats, batch, key):
         noise = sample_noise(key, shapes, train=True, keep_rate=model.keep_rate)
         out = model.apply(params, graph, feats, noise)
-        parts = losses.loss_parts(out, batch, cfg.cl_weight, cfg.reg_weight)
+        parts = losses.loss_parts(out, batch, cfg.cl_weight, cfg.reg_weight, cfg.tau)
         return parts.total, parts
 
     def train_step(state: TrainState, graph, feats, batch: losses.Batch, key):

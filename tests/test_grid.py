@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, free_port
 from experiments import grid as grid_lib
 from experiments import grid_merge
 from lgmrec_jax import configs, run as run_lib
@@ -200,12 +199,6 @@ def test_devices_and_batchings_give_the_same_results(plain_dir, tmp_path):
             assert_close_runs(rows_1, rows_2)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_with_jax_distributed_split_the_grid(plain_dir, tmp_path, compilation_cache):
     g = grid_file(tmp_path, ALPHA_SEEDS)
     port = free_port()
@@ -282,6 +275,9 @@ def test_shipped_grids_expand_on_synthetic_presets():
     alphas = [p.overrides["alpha"] for p in grid_lib.expand("alpha", "synthetic_clothing", base)]
     assert alphas[:3] == [0.0, 0.01, 0.05] and len(alphas) == 13
     assert len(grid_lib.expand("alpha", "synthetic_baby", base)) == 11
+    taus = grid_lib.resolve(grid_lib.expand("tau", "synthetic_tiny", base), base, "tau")
+    from lgmrec_jax import multi
+    assert len({multi.program_key(p.cfg) for p in taus}) == 1  # one program for the whole sweep
     assert [p.overrides["hyper_num"] for p in grid_lib.expand("hyper_num", "baby", base)] == [
         2, 4, 8, 16, 32, 64, 128, 256]
     shard = grid_lib.shard_points(grid_lib.expand("hyper_num", "baby", base, seeds=[0, 1]), 1, 4)
@@ -337,11 +333,12 @@ def test_traced_values_reach_their_own_config():
     ds = data.from_arrays(train, train[:6], train[6:12], n_users, n_items, v_feat=rng.random((n_items, 7)),
                           t_feat=rng.random((n_items, 5)))
     cfgs = []
-    for seed, alpha, keep, cl, reg, lr in ((0, 0.1, 0.5, 1e-4, 1e-6, 1e-3), (1, 0.9, 0.8, 1e-2, 1e-3, 3e-3)):
+    for seed, alpha, keep, cl, reg, lr, tau in ((0, 0.1, 0.5, 1e-4, 1e-6, 1e-3, 0.2),
+                                                (1, 0.9, 0.8, 1e-2, 1e-3, 3e-3, 0.5)):
         cfg = configs.for_dataset("default")
         cfg.update(embedding_size=8, feat_embed_dim=8, n_ui_layers=1, n_mm_layers=1, train_batch_size=16,
                    num_devices=1, seed=seed, alpha=alpha, keep_rate=keep, cl_weight=cl, reg_weight=reg,
-                   learning_rate=lr)
+                   learning_rate=lr, tau=tau)
         cfgs.append(cfg)
     prog = multi.MultiProgram(cfgs[0], ds, batching="map", uniform=multi.uniform_values(cfgs))
     assert prog.uniform == {}
@@ -357,3 +354,8 @@ def test_traced_values_reach_their_own_config():
         np.testing.assert_allclose(parts[k], single_parts, rtol=1e-5)
         for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(exp.runner.get(state).params)):
             np.testing.assert_allclose(a[k], np.asarray(b), rtol=1e-4, atol=1e-6)
+        # Evaluation reads alpha and tau (the Gumbel softmax) per config too: same metrics from the same params.
+        single_params = exp.runner.get(state).params
+        stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * 2), single_params)
+        grid_metrics = prog.evaluate(trainer.TrainState(prog.put(stacked), None), multi.hyper_of(cfgs), [0, 1], 0)
+        assert grid_metrics[k] == exp.evaluate(exp.runner.put(single_params), 0)

@@ -29,7 +29,7 @@ def forward(ds, cfg=None, train=True, key=0):
     model = trainer.make_model(cfg, ds)
     g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
     feats = trainer.device_features(ds)
-    state = trainer.init_state(model, trainer.make_optimizer(cfg), g, feats, seed=1)
+    state = trainer.init_state(model, trainer.make_optimizer(cfg.learning_rate), g, feats, seed=1)
     noise = sample_noise(jax.random.PRNGKey(key), model.noise_shapes(), train, model.keep_rate)
     return model, g, feats, state.params, model.apply(state.params, g, feats, noise)
 
@@ -98,8 +98,8 @@ def test_cold_items_give_finite_gradients():
     model = trainer.make_model(cfg, ds)
     g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
     feats = trainer.device_features(ds)
-    state = trainer.init_state(model, trainer.make_optimizer(cfg), g, feats, 1)
-    step = trainer.make_train_step(model, trainer.make_optimizer(cfg), cfg)
+    state = trainer.init_state(model, trainer.make_optimizer(cfg.learning_rate), g, feats, 1)
+    step = trainer.make_train_step(model, trainer.make_optimizer(cfg.learning_rate), cfg)
     batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.full(4, ds.n_items - 1), jnp.ones(4))
     new_state, parts = step(state, g, feats, batch, jax.random.PRNGKey(3))
     assert trainer.finite_state(new_state) and np.isfinite(float(parts.total))
@@ -132,3 +132,38 @@ def test_ablation_switches_remove_their_term(switch):
         assert out.hyper == {}
         ghe = both - c - sum(l2_normalize(model.apply(params, g, feats[m], m, method=LGMRec.mge)) for m in ("v", "t"))
         np.testing.assert_allclose(got, both - ghe, rtol=1e-5, atol=1e-6)
+
+
+def test_infonce_matches_a_hand_computed_softmax_at_any_tau():
+    rng = np.random.default_rng(4)
+    a, p, z = rng.normal(size=(3, 4)), rng.normal(size=(3, 4)), rng.normal(size=(6, 4))
+    mask = np.array([1.0, 1.0, 0.0])  # the padded third row counts for nothing
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    for tau in (0.2, 0.7):
+        logits = unit(a) @ unit(z).T / tau
+        expected = sum(np.log(np.exp(logits[b]).sum()) - unit(a)[b] @ unit(p)[b] / tau for b in range(2))
+        got = losses.infonce(jnp.asarray(a, jnp.float32), jnp.asarray(p, jnp.float32),
+                             jnp.asarray(z, jnp.float32), jnp.asarray(mask, jnp.float32), tau)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-5)
+
+
+def test_tau_config_sets_the_gumbel_and_contrastive_temperature():
+    ds = toy_dataset()
+    cfg = small_config()
+    assert cfg.tau == 0.2 and trainer.make_model(cfg, ds).tau == 0.2  # the reference's hard-coded value
+    model, g, feats, params, _ = forward(ds, cfg)
+    noise = sample_noise(jax.random.PRNGKey(0), model.noise_shapes(), True, model.keep_rate)
+    cfg.tau = 1.0
+    warm = trainer.make_model(cfg, ds)
+    assign = warm.apply(params, g, feats, noise, method=LGMRec.assignments)
+    item_logits = np.asarray(feats["v"]) @ np.asarray(params["params"]["v_hyper"])
+    expected = jax.nn.softmax(item_logits + np.asarray(noise.gumbel["v_item"]), axis=1)  # softmax at tau = 1
+    np.testing.assert_allclose(np.asarray(assign["v_item"]), np.asarray(expected), rtol=1e-5, atol=1e-7)
+    batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.arange(1, 5), jnp.ones(4))
+    out = warm.apply(params, g, feats, noise)
+    parts = losses.loss_parts(out, batch, cfg.cl_weight, cfg.reg_weight, cfg.tau)
+    h = out.hyper
+    by_hand = (losses.infonce(h["v_user"][:4], h["t_user"][:4], h["t_user"], jnp.ones(4), 1.0)
+               + losses.infonce(h["v_item"][:4], h["t_item"][:4], h["t_item"], jnp.ones(4), 1.0))
+    np.testing.assert_allclose(float(parts.hcl), float(by_hand), rtol=1e-6)
+    assert abs(float(parts.hcl) - float(losses.loss_parts(out, batch, 1e-4, 1e-6).hcl)) > 1e-3

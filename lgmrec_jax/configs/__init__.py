@@ -38,6 +38,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (cfg.cf_model in ("lightgcn", "mf"), f"cf_model is {cfg.cf_model!r}, expected 'lightgcn' or 'mf'"),
         (cfg.matmul_precision in PRECISIONS,
          f"matmul_precision is {cfg.matmul_precision!r}, expected one of {PRECISIONS}"),
+        (cfg.tau > 0.0, f"tau is {cfg.tau}, expected > 0"),
         (0.0 < cfg.keep_rate <= 1.0, f"keep_rate is {cfg.keep_rate}, expected 0 < keep_rate <= 1"),
         (cfg.n_hyper_layer >= 1, f"n_hyper_layer is {cfg.n_hyper_layer}, expected at least 1"),
         (min(cfg.n_ui_layers, cfg.n_mm_layers) >= 0, "n_ui_layers and n_mm_layers must be >= 0"),

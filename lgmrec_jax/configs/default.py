@@ -29,6 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.alpha = 0.3
     c.cl_weight = 1e-4
     c.reg_weight = 1e-6
+    c.tau = 0.2  # (ours as a key) temperature of the Gumbel softmax and the InfoNCE; hard-coded in the reference
     # (ours) Deviations are named options; the defaults are the reference's behaviour.
     c.legacy_text_user_hyper = False  # SPEC §3.8 Q1: True replays the logged (buggy) revision
     # (ours) The paper's ablations; all True is LGMRec. use_ghe=False also drops the contrastive
