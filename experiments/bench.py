@@ -80,6 +80,7 @@ class Settings:
     scales: tuple = ()
     feature_dims: Optional[tuple] = None
     epochs_to_time: int = 3
+    compile_only: bool = False  # setup, compile and XLA's program memory only (sizing large scales)
     eval_repeats: int = 3
     full_run: bool = False
     full_run_presets: tuple = ()  # empty: every dataset
@@ -586,10 +587,20 @@ def _run_config(spec: dict) -> dict:
             lowered = run_fn.lower(state, exp.graph, exp.feats, batches, key, 0)
             compile_info["trace_lower_s"] = round(time.perf_counter() - tick, 3)
             tick = time.perf_counter()
-            lowered.compile()
+            compiled = lowered.compile()
             compile_info["compile_s"] = round(time.perf_counter() - tick, 3)
             compile_info["method"] = "aot: runner._run.lower(...).compile()"
+            result["program_memory"] = {"train_epoch": program_memory(compiled)}
+            if exp.plans:
+                name = next(iter(exp.plans))
+                evaluator = exp.evaluate_split.lower(exp.runner.get(state).params, exp.graph, exp.feats,
+                                                     *exp.eval_arrays[name], key).compile()
+                result["program_memory"]["evaluate_split"] = program_memory(evaluator)
             del batches
+        if spec.get("compile_only"):
+            result.update(compile=compile_info, compile_only=True)
+            result["memory"] = memory()
+            return result
 
         times, cpu, others, losses = [], [], [], []
         for epoch in range(spec["epochs_to_time"] + 1):
@@ -651,6 +662,24 @@ def _run_config(spec: dict) -> dict:
         result["memory_after_full_run"] = memory()
     result["loadavg_end"] = list(os.getloadavg())
     return result
+
+
+def program_memory(compiled) -> Optional[dict]:
+    """XLA's buffer assignment of a compiled program (MB): its arguments, outputs, temporaries, the
+    donated bytes reused for outputs, and the peak it plans for. The same on every backend up to the
+    backend's own fusion choices, so a CPU compile sizes a GPU run before one is lent."""
+    try:
+        stats = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if stats is None:
+        return None
+    mb = lambda name: round(getattr(stats, name, 0) / 2 ** 20, 1)
+    out = {k: mb(f"{k}_size_in_bytes") for k in ("argument", "output", "temp", "alias")}
+    peak = getattr(stats, "peak_memory_in_bytes", None)
+    out["peak"] = round(peak / 2 ** 20, 1) if peak else round(out["argument"] + out["output"] + out["temp"]
+                                                                - out["alias"], 1)
+    return out
 
 
 def full_run(cfg, ds, max_epochs: int) -> dict:
@@ -876,7 +905,7 @@ def specs(settings: Settings) -> list[dict]:
                                 "data_dir": os.path.abspath(settings.data_dir),
                                 "epochs_to_time": settings.epochs_to_time, "eval_repeats": settings.eval_repeats,
                                 "profile": settings.profile, "profile_steps": settings.profile_steps, "full_run": full,
-                                "max_epochs": settings.max_epochs})
+                                "max_epochs": settings.max_epochs, "compile_only": settings.compile_only})
     return out
 
 
@@ -1001,6 +1030,8 @@ def markdown(report: dict) -> str:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     refs = report["reference"]["cpu" if m["backend"] == "cpu" else "gpu_h100"]
     for r in report["results"]:
+        if r.get("compile_only"):
+            continue  # in the program-memory table below
         if "error" in r:
             lines.append(f"| {r.get('run', 0)} | | {r['dataset']} | | | | {r['kernel']} | {r['matmul_precision']} | "
                          f"{','.join(r['patches']) or '-'} | error: {r['error']} |" + " |" * 12)
@@ -1028,7 +1059,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['dataset']} | {r['kernel']} | {r['matmul_precision']} | {_f(f['wall_s'], 1)} | "
                          f"{f['status']} | {f['epochs_run']} | {f['best_epoch']} | {_f(f['best_valid_recall@20'], 4)} | "
                          f"{_f(f['median_train_s'])} | {_f(f['median_eval_s'])} |")
-    scaled = [r for r in report["results"] if "error" not in r and parse_scaled(r["dataset"])]
+    scaled = [r for r in report["results"] if "epoch_s" in r and parse_scaled(r["dataset"])]
     if len(scaled) > 1:
         base = min(scaled, key=lambda r: r["n_train"])
         lines += ["", "## Scaling (clothing x scale)", "",
@@ -1042,6 +1073,22 @@ def markdown(report: dict) -> str:
                          f"{r['epoch_s'] / base['epoch_s']:.2f} | {_f(r.get('eval_s'))} | "
                          f"{_f(r['memory']['peak_rss_mb'], 0)} | "
                          f"{_f(r['memory'].get('device_peak_bytes_in_use_mb'), 0)} |")
+    sized = [r for r in report["results"] if (r.get("program_memory") or {}).get("train_epoch")]
+    if sized:
+        lines += ["", "## Program memory (XLA buffer assignment)", "",
+                  "What XLA plans for the compiled programs (`compiled.memory_analysis()`, MB): the train epoch's "
+                  "arguments (state, graph, features, the epoch's batches), temporaries, and its planned peak; the "
+                  "evaluation program's peak (one split). A CPU compile gives the size before a GPU is at hand; "
+                  "the GPU's own fusion choices move it somewhat.", "",
+                  "| dataset | users | items | train rows | features | train args | train temp | train peak | "
+                  "eval peak | peak RSS |", "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in sorted(sized, key=lambda r: r["n_train"]):
+            t, e = r["program_memory"]["train_epoch"], r["program_memory"].get("evaluate_split") or {}
+            fd = r.get("feature_dims", {})
+            dims = f"{fd.get('v', '-')}/{fd.get('t', '-')}"
+            lines.append(f"| {r['dataset']} | {r['n_users']} | {r['n_items']} | {r['n_train']} | {dims} | "
+                         f"{_f(t['argument'], 0)} | {_f(t['temp'], 0)} | {_f(t['peak'], 0)} | {_f(e.get('peak'), 0)} | "
+                         f"{_f(r['memory']['peak_rss_mb'], 0)} |")
     for cache in report.get("compile_cache") or []:
         lines += ["", f"## Persistent compilation cache ({cache['dataset']}, {cache['kernel']}, run {cache.get('run', 0)})", "",
                   "Two fresh processes against one empty `jax_compilation_cache_dir` "
@@ -1087,6 +1134,8 @@ def define_flags() -> None:
                         "clothing's 4096,384).")
     flags.DEFINE_integer("epochs_to_time", 3, "Steady epochs timed per configuration (median reported).")
     flags.DEFINE_integer("eval_repeats", 3, "Steady valid+test evaluations timed (median); 0 skips evaluation.")
+    flags.DEFINE_bool("compile_only", False, "Set up and compile only: XLA's program memory, no timed epochs "
+                      "(sizes scales too large to train here).")
     flags.DEFINE_bool("full_run", False, "Also time a full early-stopped run (slow on CPU).")
     flags.DEFINE_list("full_run_presets", [], "With --full_run: only these presets (e.g. default); empty = all.")
     flags.DEFINE_integer("max_epochs", 0, "Epoch cap of the full run (0: the config's).")
@@ -1127,7 +1176,7 @@ def settings_from_flags() -> Settings:
         presets = ()  # --scales alone runs only the scaled presets
     return Settings(presets=presets, scales=tuple(float(s) for s in FLAGS.scales), feature_dims=dims,
                     epochs_to_time=max(1, FLAGS.epochs_to_time), eval_repeats=FLAGS.eval_repeats,
-                    full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
+                    compile_only=FLAGS.compile_only, full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
                     precisions=tuple(FLAGS.matmul_precision), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
                     compile_cache=FLAGS.compile_cache, isolate=FLAGS.isolate, wait_idle_s=FLAGS.wait_idle_s, out=FLAGS.out, tag=FLAGS.tag, append=FLAGS.append,
                     data_dir=FLAGS.data_dir)
