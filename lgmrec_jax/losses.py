@@ -43,7 +43,7 @@ def log_sum_exp_scores(anchors, candidates):
     All rows are unit vectors, so every logit lies in [-1/tau, 1/tau] = [-5, 5] and the reference's
     plain log(sum(exp)) cannot overflow. Written as one (B x K) matmul with a hand-written VJP: the
     vmapped per-row form compiled to batched mat-vecs and measured ~4x slower per epoch on CPU
-    (experiments/results/bench_cpu.md, patch "infonce_matmul").
+    (experiments/results/bench_cpu_patches.md, patch "infonce_matmul").
     """
     return jnp.log(jnp.sum(jnp.exp(anchors @ candidates.T), axis=1))
 

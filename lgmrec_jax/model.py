@@ -77,7 +77,7 @@ def frozen_feature_matmul(feat, weight):
 
     Autodiff's dW = F^T dY made XLA:CPU transpose the whole (I x D) feature matrix every step;
     reading F as stored and transposing the small (k x D) result measured 1.3x faster per baby epoch
-    on CPU (experiments/results/bench_cpu.md, patch "feature_matmul_vjp"). Same values.
+    on CPU (experiments/results/bench_cpu_patches.md, patch "feature_matmul_vjp"). Same values.
     """
     return feat @ weight
 

@@ -20,7 +20,7 @@ import optax
 from absl import app, flags
 
 from lgmrec_jax import data as data_lib
-from lgmrec_jax import evaluation, graph as graph_lib, losses
+from lgmrec_jax import evaluation, graph as graph_lib, losses, trainer
 from lgmrec_jax.model import HYPER_KEYS, LGMRec, Noise
 
 PARAMS = ("user_emb", "item_emb", "v_proj", "v_hyper", "t_proj", "t_hyper")
@@ -62,8 +62,8 @@ def golden_model(g: dict, kernel: str = "segment_sum") -> LGMRec:
                   embedding_size=int(c("embedding_size")), hyper_num=int(c("hyper_num")),
                   n_ui_layers=int(c("n_ui_layers")), n_mm_layers=int(c("n_mm_layers")),
                   n_hyper_layer=int(c("n_hyper_layer")), keep_rate=float(c("keep_rate")),
-                  alpha=float(c("alpha")), legacy_text_user_hyper=bool(c("legacy_text_user_hyper")),
-                  kernel=kernel)
+                  alpha=float(c("alpha")), tau=float(c("tau")),
+                  legacy_text_user_hyper=bool(c("legacy_text_user_hyper")), kernel=kernel)
 
 
 def golden_noise(g: dict, mode: str, model: LGMRec) -> Noise:
@@ -83,7 +83,7 @@ def replay(g: dict, kernel: str = "segment_sum") -> list[Row]:
                               model.n_items, g.get("data/v_feat"), g.get("data/t_feat"))
     graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
     feats = {m: jnp.asarray(f) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
-    cl_weight, reg_weight = float(g["config/cl_weight"]), float(g["config/reg_weight"])
+    cl_weight, reg_weight, tau = (float(g[f"config/{k}"]) for k in ("cl_weight", "reg_weight", "tau"))
     rows: list[Row] = []
     value = lambda name, got, want: rows.append(Row(name, rel_error(got, want), TOL_VALUE, "rel"))
 
@@ -95,10 +95,10 @@ def replay(g: dict, kernel: str = "segment_sum") -> list[Row]:
 
     def objective(p):
         out = model.apply(p, graph, feats, train_noise)
-        return losses.loss_parts(out, batch, cl_weight, reg_weight).total, out
+        return losses.loss_parts(out, batch, cl_weight, reg_weight, tau).total, out
 
     (total, out), grads = jax.value_and_grad(objective, has_aux=True)(params)
-    parts = losses.loss_parts(out, batch, cl_weight, reg_weight)
+    parts = losses.loss_parts(out, batch, cl_weight, reg_weight, tau)
     value("train/user_out", out.user, g["train/user_out"])
     value("train/item_out", out.item, g["train/item_out"])
     for m in model.modalities:
@@ -109,7 +109,7 @@ def replay(g: dict, kernel: str = "segment_sum") -> list[Row]:
     for k, grad in grads["params"].items():
         rows.append(Row(f"grad/{k}", rel_error(grad, g[f"grad/{k}"]), TOL_GRAD, "rel"))
 
-    optimizer = optax.adam(1e-3)
+    optimizer = trainer.make_optimizer(1e-3)  # the reference's learning rate in the goldens
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     stepped = optax.apply_updates(params, updates)
     for k, p in stepped["params"].items():

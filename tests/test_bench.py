@@ -45,14 +45,17 @@ def test_smoke_run_writes_json_and_markdown(synthetic_dir, tmp_path):
 
 
 def test_scaled_preset_names_and_sizes():
-    settings = bench.Settings(presets=("baby",), scales=(0.5, 2.0), feature_dims=(64, 32))
+    settings = bench.Settings(presets=("baby",), scales=(0.5, 2.0), scaled=((0.2, 0.8),), feature_dims=(64, 32))
     assert bench.dataset_names(settings) == ["synthetic_baby", "synthetic_clothing_x0.5_f64-32",
-                                             "synthetic_clothing_x2_f64-32"]
-    assert bench.parse_scaled("synthetic_clothing_x0.25") == (0.25, None)
-    assert bench.parse_scaled("synthetic_clothing_x2_f64-32") == (2.0, (64, 32))
-    assert bench.parse_scaled("synthetic_baby") is None
-    preset = bench.scaled_preset(0.5, (64, 32))
+                                             "synthetic_clothing_x2_f64-32", "synthetic_clothing_c0.2_e0.8_f64-32"]
+    assert bench.parse_scaled("synthetic_clothing_x0.25") == (0.25, 0.25, None)
+    assert bench.parse_scaled("synthetic_clothing_x2_f64-32") == (2.0, 2.0, (64, 32))
+    assert bench.parse_scaled("synthetic_clothing_c0.2_e0.8") == (0.2, 0.8, None)
+    assert bench.parse_scaled("synthetic_baby") is None and bench.parse_scaled("synthetic_clothing_x") is None
+    preset = bench.scaled_preset(bench.Scaled(0.5, 0.5, (64, 32)))
     assert (preset.n_users, preset.n_items, preset.n_interactions) == (19694, 11516, 139338)
     assert (preset.image_dim, preset.text_dim) == (64, 32)
+    preset = bench.scaled_preset(bench.parse_scaled("synthetic_clothing_c0.5_e0.25"))
+    assert (preset.n_users, preset.n_items, preset.n_interactions) == (19694, 11516, 69669)
     with pytest.raises(ValueError):
         bench.dataset_names(bench.Settings(presets=("nope",)))
