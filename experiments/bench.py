@@ -186,49 +186,6 @@ def undo_patches() -> None:
 
 
 
-def _patch_infonce_matmul():
-    """losses.infonce as one matmul per batch with a hand-written VJP and no max-subtraction.
-
-    The rows are unit vectors, so every logit lies in [-1/tau, 1/tau] = [-5, 5] and exp cannot
-    overflow: the reference's plain log(sum(exp)) is safe (SPEC §4.2 has no max-subtraction either).
-    Forward: one (B x K) matmul with exp and the row sum fused behind it; e = exp(logits) is kept.
-    Backward: with c = g / rowsum, d(a) = (e @ z) * c and d(z) = ((a * c)^T @ e)^T; the row
-    scaling is applied to the (B x d) operands instead of the (B x K) matrix, and the second product
-    is computed as (d x B)(B x K) then transposed (optimization_barrier keeps XLA from folding the
-    transpose back into a dot that transposes the big (B x K) operand, which is 1.3x slower on CPU).
-    The per-row vmap formulation it replaces is ~4x slower on CPU (batched matvecs, a max pass and
-    reduce-window trees over the (B x K) logits).
-    """
-    import jax
-    import jax.numpy as jnp
-
-    from lgmrec_jax import losses
-    from lgmrec_jax.model import TAU, l2_normalize
-
-    @jax.custom_vjp
-    def log_sum_exp_logits(a, z):  # a: (B, d) unit rows / tau; z: (K, d) unit rows
-        return jnp.log(jnp.sum(jnp.exp(a @ z.T), axis=1))
-
-    def fwd(a, z):
-        e = jnp.exp(a @ z.T)
-        s = jnp.sum(e, axis=1)
-        return jnp.log(s), (a, z, e, s)
-
-    def bwd(res, g):
-        a, z, e, s = res
-        c = (g / s)[:, None]
-        return (e @ z) * c, jax.lax.optimization_barrier((a * c).T @ e).T
-
-    log_sum_exp_logits.defvjp(fwd, bwd)
-
-    def infonce(anchors, positives, candidates, mask):
-        a, p, z = l2_normalize(anchors), l2_normalize(positives), l2_normalize(candidates)
-        per_row = log_sum_exp_logits(a / TAU, z) - jnp.sum(a * p, axis=1) / TAU
-        return jnp.sum(per_row * mask)
-
-    _set(losses, "infonce", infonce)
-
-
 def _patch_infonce_vmap():
     """losses.infonce as it was before commit 40bac1c: a per-row function (logsumexp over all
     candidates, which subtracts the row max) vectorised with jax.vmap. Kept to measure that
@@ -248,34 +205,6 @@ def _patch_infonce_vmap():
         return jnp.sum(per_row * mask)
 
     _set(losses, "infonce", infonce)
-
-
-def _patch_feature_matmul_vjp():
-    """The feature projections F_m @ W (and F_m @ H) with a hand-written VJP for the weight:
-    dW = ((dY)^T @ F)^T. Autodiff's dW = F^T @ dY makes XLA:CPU transpose the whole (I x D)
-    feature matrix every step (115 MB at baby scale); (dY^T F) reads F as stored and transposes only
-    the small (k x D) result (optimization_barrier keeps XLA from folding it back). Features are
-    frozen, so no cotangent is returned for them. Patches model.LocalOps.feature_matmul.
-    """
-    import jax
-
-    import lgmrec_jax.model as model_lib
-
-    if not hasattr(model_lib, "LocalOps"):
-        raise RuntimeError("feature_matmul_vjp needs lgmrec_jax.model.LocalOps.feature_matmul")
-
-    @jax.custom_vjp
-    def feature_matmul(feat, weight):
-        return feat @ weight
-
-    def fwd(feat, weight):
-        return feat @ weight, feat
-
-    def bwd(feat, g):
-        return None, jax.lax.optimization_barrier(g.T @ feat).T
-
-    feature_matmul.defvjp(fwd, bwd)
-    _set(model_lib.LocalOps, "feature_matmul", lambda self, feat, weight, n_items: feature_matmul(feat, weight))
 
 
 def _patch_propagate_transpose():
@@ -393,8 +322,10 @@ def _patch_feature_matmul_autodiff():
     _set(model_lib.LocalOps, "feature_matmul", lambda self, feat, weight, n_items: feat @ weight)
 
 
-PATCHES = {"infonce_matmul": _patch_infonce_matmul, "infonce_vmap": _patch_infonce_vmap,
-           "feature_matmul_vjp": _patch_feature_matmul_vjp, "feature_matmul_autodiff": _patch_feature_matmul_autodiff,
+# Candidates measured and adopted since (now the library's code; their A/B runs are in
+# experiments/results/bench_cpu_patches.md): infonce_matmul (losses.log_sum_exp_scores) and
+# feature_matmul_vjp (model.frozen_feature_matmul). The patches below measure the alternatives.
+PATCHES = {"infonce_vmap": _patch_infonce_vmap, "feature_matmul_autodiff": _patch_feature_matmul_autodiff,
            "batched_propagation": _patch_batched_propagation,
            "propagate_transpose": _patch_propagate_transpose}
 

@@ -342,11 +342,9 @@ def manifest_of(name: str, dataset: str, points: list[Point], base_overrides: di
 
 def write_json_unique(path: str, payload) -> None:
     """Atomic JSON write that shards writing the same file at once cannot garble."""
-    tmp = f"{path}.{os.getpid()}.{socket.gethostname()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, path)
+    from lgmrec_jax.run import write_json_atomic
+
+    write_json_atomic(path, payload, tmp=f"{path}.{os.getpid()}.{socket.gethostname()}.tmp")
 
 
 def setup_compilation_cache(path: Optional[str]) -> Optional[str]:
@@ -557,6 +555,18 @@ def markdown(manifest: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save_recall_plot(fig, ax, path: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    ax.set_ylabel("Recall@20")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def plot_param(settings: list[dict], param: str, best: Optional[dict], path: str, title: str) -> bool:
     """valid/test Recall@20 against one swept parameter, error bars over seeds; False if not plottable."""
     import matplotlib
@@ -598,13 +608,7 @@ def plot_param(settings: list[dict], param: str, best: Optional[dict], path: str
         ax.set_xticks(xs)
         ax.set_xticklabels([fmt_value(values[i]) for i in order])
     ax.set_xlabel(param)
-    ax.set_ylabel("Recall@20")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_recall_plot(fig, ax, path, title)
     return True
 
 
@@ -628,13 +632,7 @@ def plot_settings(settings: list[dict], path: str, title: str) -> bool:
     ax.set_xticks(xs)
     ax.set_xticklabels([s["label"] for s in shown], rotation=30 if len(shown) > 5 else 0, ha="right"
                        if len(shown) > 5 else "center")
-    ax.set_ylabel("Recall@20")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_recall_plot(fig, ax, path, title)
     return True
 
 

@@ -48,7 +48,6 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import evaluation, losses, run as run_lib, sampler as sampler_lib, trainer

@@ -167,8 +167,9 @@ def identity_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def write_json_atomic(path: str, payload) -> None:
-    tmp = f"{path}.tmp"
+def write_json_atomic(path: str, payload, tmp: Optional[str] = None) -> None:
+    """Writes ``tmp`` (default ``path.tmp``), syncs it and renames it over ``path``."""
+    tmp = tmp or f"{path}.tmp"
     with open(tmp, "w") as handle:
         json.dump(payload, handle, indent=2, sort_keys=True)
         handle.write("\n")

@@ -13,6 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 
+def read_jsonl(path) -> list:
+    import json
+
+    with open(path) as handle:
+        return [json.loads(line) for line in handle]
+
+
 def free_port() -> int:
     """A free localhost port, for a jax.distributed coordinator."""
     with socket.socket() as s:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, read_jsonl
 from experiments.reliability import strip_timing
 from lgmrec_jax import run as run_lib
 
@@ -43,8 +43,7 @@ def two_processes(env, data_dir, workdirs, *args):
 
 
 def rows(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as handle:
-        return strip_timing([json.loads(line) for line in handle])
+    return strip_timing(read_jsonl(os.path.join(workdir, "metrics.jsonl")))
 
 
 def assert_same_run(a, b):

@@ -16,13 +16,13 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, read_jsonl
+from experiments.reliability import strip_timing
 from experiments import grid as grid_lib
 from experiments import grid_merge
 from lgmrec_jax import configs, run as run_lib
 from lgmrec_jax.data import load_dataset
 
-TIMING_KEYS = ("train_s", "eval_s", "total_wall_s")
 TINY = {"epochs": 3, "stopping_step": 100}
 PLAIN = {"epochs": 2, "stopping_step": 100, "train_batch_size": 128, "eval_batch_size": 16,
          "embedding_size": 8, "feat_embed_dim": 8, "keep_checkpoints": 2}
@@ -62,19 +62,6 @@ def sweep(add):
         for seed in (0, 1):
             add(alpha=alpha, seed=seed)
 """
-
-
-def read_jsonl(path):
-    with open(path) as handle:
-        return [json.loads(line) for line in handle]
-
-
-def strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
 
 
 def read_csv(path):

@@ -9,29 +9,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, read_jsonl
+from experiments.reliability import strip_timing
 from lgmrec_jax import configs, evaluation, run as run_lib
 from lgmrec_jax.data import load_dataset
 
-TIMING_KEYS = ("train_s", "eval_s", "total_wall_s")
 
 
 def cli(*args, cwd=REPO):
     return subprocess.run([sys.executable, "-m", "lgmrec_jax.train", *args], cwd=cwd, capture_output=True,
                           text=True, timeout=600)
-
-
-def read_jsonl(path):
-    with open(path) as handle:
-        return [json.loads(line) for line in handle]
-
-
-def strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
 
 
 def test_cli_run_leaves_all_outputs(synthetic_dir, tmp_path):
