@@ -92,3 +92,13 @@ def test_a_refusal_on_process_0_stops_process_1(synthetic_dir, env, tmp_path):
     assert rc0 == 2 and rc1 == 2, (err0[-2000:], err1[-2000:])
     assert err0.strip().splitlines()[-1] == f"error: {workdir}: workdir exists and is not a directory; choose another --workdir"
     assert err1.strip().splitlines()[-1].startswith(f"error: process 0: {workdir}: workdir exists")
+
+
+def test_process_flags_are_checked_before_jax_distributed_starts():
+    from lgmrec_jax import distributed
+
+    assert distributed.initialize(None, 1, 0) == (0, 1)  # one process: nothing to initialise
+    with pytest.raises(distributed.DistributedError, match="needs --coordinator_address=host:port"):
+        distributed.initialize(None, 2, 0)
+    with pytest.raises(distributed.DistributedError, match=r"--process_id is 2, expected 0 \.\. 1"):
+        distributed.initialize("localhost:1", 2, 2)
