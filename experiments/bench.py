@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -89,6 +90,7 @@ class Settings:
     max_epochs: int = 0
     kernels: tuple = ("segment_sum",)
     precisions: tuple = ("highest",)
+    feature_dtypes: tuple = ("float32",)
     patch_sets: tuple = ()  # tuples of PATCHES names; each is one more configuration
     baseline: bool = True  # the unpatched configuration too
     profile: bool = False
@@ -506,6 +508,7 @@ def _run_config(spec: dict) -> dict:
     ds, cfg = load(spec["dataset"], spec["data_dir"])
     result["load_s"] = round(time.perf_counter() - tick, 3)
     cfg.kernel, cfg.matmul_precision = spec["kernel"], spec["precision"]
+    cfg.feature_dtype = result["feature_dtype"] = spec.get("feature_dtype", "float32")
     result.update(n_users=ds.n_users, n_items=ds.n_items, n_train=int(len(ds.train)),
                   n_valid=int(len(ds.valid)), n_test=int(len(ds.test)),
                   feature_dims={m: int(f.shape[1]) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None},
@@ -849,14 +852,13 @@ def specs(settings: Settings) -> list[dict]:
     full_names = set(dataset_names(dataclasses.replace(settings, presets=settings.full_run_presets, scales=())))
     for name in dataset_names(settings):
         full = settings.full_run and (not settings.full_run_presets or name in full_names)
-        for kernel in settings.kernels:
-            for precision in settings.precisions:
-                for patches in patch_sets:
-                    out.append({"dataset": name, "kernel": kernel, "precision": precision, "patches": list(patches),
-                                "data_dir": os.path.abspath(settings.data_dir),
-                                "epochs_to_time": settings.epochs_to_time, "eval_repeats": settings.eval_repeats,
-                                "profile": settings.profile, "profile_steps": settings.profile_steps, "full_run": full,
-                                "max_epochs": settings.max_epochs, "compile_only": settings.compile_only})
+        for kernel, precision, feature_dtype, patches in itertools.product(
+                settings.kernels, settings.precisions, settings.feature_dtypes, patch_sets):
+            out.append({"dataset": name, "kernel": kernel, "precision": precision, "feature_dtype": feature_dtype,
+                        "patches": list(patches), "data_dir": os.path.abspath(settings.data_dir),
+                        "epochs_to_time": settings.epochs_to_time, "eval_repeats": settings.eval_repeats,
+                        "profile": settings.profile, "profile_steps": settings.profile_steps, "full_run": full,
+                        "max_epochs": settings.max_epochs, "compile_only": settings.compile_only})
     return out
 
 
@@ -943,6 +945,12 @@ def write_report(report: dict, settings: Settings) -> None:
 # ----------------------------------------------------------------------------------- markdown
 
 
+def numerics(result: dict) -> str:
+    """The precision column: the matmul precision, and bf16 features where used."""
+    bf16 = result.get("feature_dtype", "float32") == "bfloat16"
+    return result["matmul_precision"] + (", bf16 features" if bf16 else "")
+
+
 def _f(x, digits=None):
     """Fixed digits, or (default) three significant digits for times."""
     if x is None:
@@ -984,7 +992,7 @@ def markdown(report: dict) -> str:
         if r.get("compile_only"):
             continue  # in the program-memory table below
         if "error" in r:
-            lines.append(f"| {r.get('run', 0)} | | {r['dataset']} | | | | {r['kernel']} | {r['matmul_precision']} | "
+            lines.append(f"| {r.get('run', 0)} | | {r['dataset']} | | | | {r['kernel']} | {numerics(r)} | "
                          f"{','.join(r['patches']) or '-'} | error: {r['error']} |" + " |" * 12)
             continue
         c = r["compile"]
@@ -995,7 +1003,7 @@ def markdown(report: dict) -> str:
         shares = [x for x in r.get("epoch_others_share", []) + r.get("eval_others_share", []) if x is not None]
         lines.append(
             f"| {r.get('run', 0)} | {r.get('code', {}).get('lgmrec_jax_sha256_12', '-')[:7]} | {r['dataset']} | {r['n_users']} | {r['n_items']} | {r['n_train']} | {r['kernel']} | "
-            f"{r['matmul_precision']} | {','.join(r['patches']) or '-'} | {comp} | {_f(r['first_epoch_s'])} | "
+            f"{numerics(r)} | {','.join(r['patches']) or '-'} | {comp} | {_f(r['first_epoch_s'])} | "
             f"{len(r['epoch_times_s'])} | {_f(r['epoch_s'])} ({_f(r.get('epoch_min_s'))}) | {_f(r.get('epoch_cpu_s'))} | {_f(r['steps_per_s'])} | "
             f"{_f(r['sampler_s'])} | {_f(r.get('eval_s'))} | {_f(r.get('eval_compile_s'))} | "
             f"{_f(mem['peak_rss_mb'], 0)} | {_f(mem.get('device_peak_bytes_in_use_mb'), 0)} | "
@@ -1007,7 +1015,7 @@ def markdown(report: dict) -> str:
                   "median train | median eval |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in full:
             f = r["full_run"]
-            lines.append(f"| {r['dataset']} | {r['kernel']} | {r['matmul_precision']} | {_f(f['wall_s'], 1)} | "
+            lines.append(f"| {r['dataset']} | {r['kernel']} | {numerics(r)} | {_f(f['wall_s'], 1)} | "
                          f"{f['status']} | {f['epochs_run']} | {f['best_epoch']} | {_f(f['best_valid_recall@20'], 4)} | "
                          f"{_f(f['median_train_s'])} | {_f(f['median_eval_s'])} |")
     scaled = [r for r in report["results"] if "epoch_s" in r and parse_scaled(r["dataset"])]
@@ -1103,6 +1111,8 @@ def define_flags() -> None:
     flags.DEFINE_integer("max_epochs", 0, "Epoch cap of the full run (0: the config's).")
     flags.DEFINE_list("kernel", ["segment_sum"], "Propagation kernels to compare: segment_sum, bcoo.")
     flags.DEFINE_list("matmul_precision", ["highest"], "Matmul precisions to compare: highest, high, default.")
+    flags.DEFINE_list("feature_dtype", ["float32"], "Feature storage types to compare: float32, bfloat16 "
+                      "(config feature_dtype).")
     flags.DEFINE_multi_string("patch", [], "A comma-separated set of experimental monkeypatches (names in "
                               "experiments.bench.PATCHES), measured as one more configuration next to the "
                               "unpatched one; repeat the flag for several sets.")
@@ -1145,7 +1155,7 @@ def settings_from_flags() -> Settings:
     return Settings(presets=presets, scales=tuple(float(s) for s in FLAGS.scales), scaled=scaled, feature_dims=dims,
                     epochs_to_time=max(1, FLAGS.epochs_to_time), eval_repeats=FLAGS.eval_repeats,
                     compile_only=FLAGS.compile_only, full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
-                    precisions=tuple(FLAGS.matmul_precision), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
+                    precisions=tuple(FLAGS.matmul_precision), feature_dtypes=tuple(FLAGS.feature_dtype), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
                     compile_cache=FLAGS.compile_cache, isolate=FLAGS.isolate, wait_idle_s=FLAGS.wait_idle_s, out=FLAGS.out, tag=FLAGS.tag, append=FLAGS.append,
                     data_dir=FLAGS.data_dir)
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues #4 and #5 as one command for a lent accelerator machine (see
 # WORKSPACE.md, "Benchmark on a lent GPU"). Stages run in the order given, each under its own time cap,
-# and write at most 7 files to $OUT (the device tool returns 8 at most):
-#   env.txt  parity.txt  bench_gpu.json/.md  bench_grid_gpu.json/.md  log.txt
+# and write at most 8 files to $OUT (the device tool returns 8 at most):
+#   env.txt  parity.txt  bench_gpu.json/.md  bench_grid_gpu.json/.md  numerics.md  log.txt
 #
 #   STAGES="env parity bench grid" bash experiments/device_check.sh       # on the lent machine
 #   LGMREC_SMOKE=1 OUT=/tmp/dc bash experiments/device_check.sh            # here: tiny presets, CPU
@@ -16,11 +16,15 @@
 #   full     clothing, segment_sum, default config: one early-stopped run end to end
 #   grid     configs per hour for K = 1, 4, 16 same-shape clothing configs (map, vmap_columns)
 #   scale    clothing x 0.25 .. 4: epoch time and device memory against size
+#   numerics the precision study: experiments/grids/numerics.py (matmul precision x feature dtype) at
+#            clothing scale, seeds 0,1,2, full early-stopped runs; results.md -> numerics.md
+# One call holds at most 10 minutes and a session 15 minutes of device time: split the stages over
+# two calls, e.g. STAGES="env parity bench full" then STAGES="grid scale numerics".
 # ml-collections is not in the machine's image: carry its wheel in .whl (device README).
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env parity bench full grid scale"}
+STAGES=${STAGES:-"env parity bench full grid scale numerics"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -30,9 +34,9 @@ if [ -d .whl ]; then
 fi
 DATA=${DATA_DIR:-/tmp/lgmrec_data}
 if [ "${LGMREC_SMOKE:-0}" = 1 ]; then  # the same commands on the smallest presets, to test this script
-  PRESET=tiny; SCALES=0.002,0.004; SIZES=1,2; EPOCHS=1; CAP=300
+  PRESET=tiny; SCALES=0.002,0.004; SIZES=1,2; EPOCHS=1; CAP=300; SEEDS=0,1
 else
-  PRESET=clothing; SCALES=0.25,0.5,1,2,4; SIZES=1,4,16; EPOCHS=5; CAP=420
+  PRESET=clothing; SCALES=0.25,0.5,1,2,4; SIZES=1,4,16; EPOCHS=5; CAP=420; SEEDS=0,1,2
 fi
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/log.txt"; }
 stage() {  # stage NAME SECONDS COMMAND...: runs it under a cap, its output appended to log.txt
@@ -69,6 +73,10 @@ for s in $STAGES; do
     scale)
       stage scale "$CAP" $PY -m experiments.bench --scales=$SCALES --epochs_to_time=2 --eval_repeats=2 \
         --data_dir="$DATA" --out="$OUT" --tag=gpu --append ;;
+    numerics)
+      stage numerics "$CAP" $PY -m experiments.grid --grid=numerics --dataset=synthetic_$PRESET --data_dir="$DATA" \
+        --seeds=$SEEDS --workdir=/tmp/lgmrec_numerics
+      cp /tmp/lgmrec_numerics/results.md "$OUT/numerics.md" 2>/dev/null || log "numerics: no results.md yet" ;;
     *) log "unknown stage $s" ;;
   esac
 done

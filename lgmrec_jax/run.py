@@ -305,7 +305,7 @@ class Experiment:
         self.model = trainer.make_model(cfg, ds)
         self.optimizer = trainer.make_optimizer(cfg.learning_rate)
         self.graph = build_graph(ds.train, ds.n_users, ds.n_items)
-        self.feats = trainer.device_features(ds)
+        self.feats = trainer.device_features(ds, cfg.feature_dtype)
         self.sampler = sampler_lib.NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
         self.batches = sampler_lib.Prefetcher(self.sampler)  # epoch e + 1 is sampled while e trains
         self.runner = parallel.make_runner(self.model, self.optimizer, cfg)

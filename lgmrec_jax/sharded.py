@@ -95,7 +95,7 @@ def shard_matrix(matrix: sparse.BCOO, n_devices: int):
 def shard_features(feat, n_devices: int):
     feat = np.asarray(feat)
     per = rows_per_device(feat.shape[0], n_devices)
-    padded = np.zeros((per * n_devices, feat.shape[1]), np.float32)
+    padded = np.zeros((per * n_devices, feat.shape[1]), feat.dtype)  # float32, or bfloat16 (feature_dtype)
     padded[: feat.shape[0]] = feat
     return padded.reshape(n_devices, per, feat.shape[1])
 

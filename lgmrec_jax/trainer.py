@@ -44,8 +44,9 @@ def make_model(cfg, ds: Dataset) -> LGMRec:
                   kernel=cfg.kernel, use_cge=cfg.use_cge, use_mge=cfg.use_mge, use_ghe=cfg.use_ghe)
 
 
-def device_features(ds: Dataset) -> dict:
-    return {m: jnp.asarray(f) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
+def device_features(ds: Dataset, dtype: str = "float32") -> dict:
+    """The feature matrices on the device, stored as ``dtype`` (config feature_dtype)."""
+    return {m: jnp.asarray(f, dtype) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
 
 
 def make_optimizer(learning_rate) -> optax.GradientTransformation:

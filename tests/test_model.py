@@ -167,3 +167,38 @@ def test_tau_config_sets_the_gumbel_and_contrastive_temperature():
                + losses.infonce(h["v_item"][:4], h["t_item"][:4], h["t_item"], jnp.ones(4), 1.0))
     np.testing.assert_allclose(float(parts.hcl), float(by_hand), rtol=1e-6)
     assert abs(float(parts.hcl) - float(losses.loss_parts(out, batch, 1e-4, 1e-6).hcl)) > 1e-3
+
+
+def test_bfloat16_features_project_in_bf16_with_float32_accumulation():
+    from lgmrec_jax.model import frozen_feature_matmul
+
+    rng = np.random.default_rng(5)
+    feat = jnp.asarray(rng.random((40, 300)), jnp.bfloat16)
+    weight = jnp.asarray(rng.normal(size=(300, 6)), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(40, 6)), jnp.float32)
+    y, pullback = jax.vjp(lambda w: frozen_feature_matmul(feat, w), weight)
+    # By hand in float64: both operands rounded to bfloat16, products summed exactly.
+    f64, w64 = np.asarray(feat, np.float64), np.asarray(weight.astype(jnp.bfloat16), np.float64)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), f64 @ w64, rtol=1e-5, atol=1e-5)
+    (grad,) = pullback(cot)
+    c64 = np.asarray(cot.astype(jnp.bfloat16), np.float64)
+    np.testing.assert_allclose(np.asarray(grad), f64.T @ c64, rtol=1e-5, atol=1e-5)
+    # float32 features stay the plain float32 product (the reference's arithmetic).
+    f32 = jnp.asarray(rng.random((40, 300)), jnp.float32)
+    np.testing.assert_array_equal(np.asarray(frozen_feature_matmul(f32, weight)), np.asarray(f32 @ weight))
+
+
+def test_feature_dtype_config_reaches_the_device_features():
+    ds = toy_dataset()
+    cfg = small_config()
+    cfg.feature_dtype = "bfloat16"
+    from lgmrec_jax import configs, run as run_lib
+
+    exp = run_lib.Experiment(cfg, ds)
+    assert {f.dtype for f in exp.feats.values()} == {jnp.dtype(jnp.bfloat16)}
+    state, parts = exp.train_epoch(exp.runner.put(exp.init_state()), 0)
+    assert np.isfinite(parts).all() and trainer.finite_state(exp.runner.get(state))
+    cfg.feature_dtype = "float16"
+    with pytest.raises(configs.ConfigError, match="feature_dtype is 'float16', expected one of"):
+        configs.validate(cfg)

@@ -8,11 +8,12 @@ from lgmrec_jax import configs, run as run_lib
 from lgmrec_jax.data import load_dataset
 
 
-def config(n_devices, legacy):
+def config(n_devices, legacy, feature_dtype="float32"):
     cfg = configs.for_dataset("synthetic_tiny")
     cfg.train_batch_size = 200  # 466 training rows: batches of 200, 200 and a partial 66
     cfg.num_devices = n_devices
     cfg.legacy_text_user_hyper = legacy
+    cfg.feature_dtype = feature_dtype
     return cfg
 
 
@@ -27,13 +28,14 @@ def frobenius_rel_error(a, b):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("legacy", [False, True], ids=["fixed", "legacy"])
-def test_four_devices_equal_one_after_three_steps(synthetic_dir, legacy):
+@pytest.mark.parametrize("legacy,feature_dtype", [(False, "float32"), (True, "float32"), (False, "bfloat16")],
+                         ids=["fixed", "legacy", "fixed-bf16-features"])
+def test_four_devices_equal_one_after_three_steps(synthetic_dir, legacy, feature_dtype):
     assert jax.local_device_count() >= 4, "tests/conftest.py sets 4 fake CPU devices"
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
     results = {}
     for n in (1, 4):
-        exp = run_lib.Experiment(config(n, legacy), ds)
+        exp = run_lib.Experiment(config(n, legacy, feature_dtype), ds)
         state, parts = exp.train_epoch(exp.runner.put(exp.init_state()), epoch=0)
         assert parts.shape == (3, 4)
         results[n] = (exp.runner.get(state), parts)

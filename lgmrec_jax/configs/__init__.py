@@ -13,6 +13,7 @@ DATASET_CONFIGS = ("baby", "sports", "clothing", "tiny")
 EVAL_NOISE_MODES = ("per_block", "per_eval", "off")
 KERNELS = ("segment_sum", "bcoo")
 PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+FEATURE_DTYPES = ("float32", "bfloat16")
 METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50))
 
 
@@ -39,6 +40,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (cfg.matmul_precision in PRECISIONS,
          f"matmul_precision is {cfg.matmul_precision!r}, expected one of {PRECISIONS}"),
         (cfg.tau > 0.0, f"tau is {cfg.tau}, expected > 0"),
+        (cfg.feature_dtype in FEATURE_DTYPES,
+         f"feature_dtype is {cfg.feature_dtype!r}, expected one of {FEATURE_DTYPES}"),
         (0.0 < cfg.keep_rate <= 1.0, f"keep_rate is {cfg.keep_rate}, expected 0 < keep_rate <= 1"),
         (cfg.n_hyper_layer >= 1, f"n_hyper_layer is {cfg.n_hyper_layer}, expected at least 1"),
         (min(cfg.n_ui_layers, cfg.n_mm_layers) >= 0, "n_ui_layers and n_mm_layers must be >= 0"),

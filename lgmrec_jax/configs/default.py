@@ -41,6 +41,7 @@ def get_config() -> ml_collections.ConfigDict:
     # (ours) Execution.
     c.kernel = "segment_sum"  # sparse propagation: "segment_sum" | "bcoo"
     c.matmul_precision = "highest"  # "highest" (fp32, as PyTorch) | "high" | "default" (TF32/bf16 passes)
+    c.feature_dtype = "float32"  # "float32" (as PyTorch) | "bfloat16": features stored and projected in bf16
     c.num_devices = 0  # data-parallel devices for the training step; 0 = all local devices
     c.checkpoint_every = 1  # epochs between checkpoints
     c.keep_checkpoints = 3  # latest checkpoints kept (plus the best by the valid metric)
