@@ -38,6 +38,7 @@ from typing import Optional
 
 from absl import app, flags, logging
 
+from lgmrec_jax import distributed
 from lgmrec_jax.cli import fail, parse_flags, setup_logging
 
 PAPER_DATASETS = ("baby", "sports", "clothing")
@@ -235,7 +236,8 @@ def reproduce(request: dict) -> dict:
         "lgmrec_jax_version": __version__,
         "datasets": entries,
     }
-    write_outputs(request["workdir_root"], payload)
+    if distributed.is_primary():  # under jax.distributed the runs' files are process 0's too
+        write_outputs(request["workdir_root"], payload)
     return payload
 
 
@@ -349,9 +351,12 @@ def main(argv: list[str]) -> None:
     setup_logging()
     try:
         request = request_from_flags(flags.FLAGS)
-    except ReproduceError as err:
+        distributed.initialize_from_flags()
+    except (ReproduceError, distributed.DistributedError) as err:
         fail(str(err))
     payload = reproduce(request)
+    if not distributed.is_primary():
+        return
     root = request["workdir_root"]
     print(format_markdown(payload))
     print(f"wrote {os.path.join(root, 'reproduction.md')} and {os.path.join(root, 'reproduction.json')}")
@@ -377,6 +382,7 @@ def define_flags() -> None:
     flags.DEFINE_string("config_overrides", "", "key=value,... applied to every dataset's config (e.g. "
                         "epochs=2); makes the results not comparable with the logs.")
     flags.DEFINE_bool("restart", False, "Discard the runs' workdirs and start over (default: resume).")
+    distributed.define_flags()  # several hosts: each run is one data-parallel program over all of them
 
 
 if __name__ == "__main__":
