@@ -297,8 +297,8 @@ def _patch_batched_propagation():
                 fused = fused + model_lib.l2_normalize(layers[-1][:, d * (i + 1): d * (i + 2)])
             assign = {}
             for m, item_logits, u_logits in zip(mods, logits, user_logits):
-                assign[f"{m}_item"] = model_lib.gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"])
-                assign[f"{m}_user"] = model_lib.gumbel_softmax(u_logits, noise.gumbel[f"{m}_user"])
+                assign[f"{m}_item"] = model_lib.gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"], self.tau)
+                assign[f"{m}_user"] = model_lib.gumbel_softmax(u_logits, noise.gumbel[f"{m}_user"], self.tau)
                 if m == "t" and self.legacy_text_user_hyper:
                     assign["v_user"] = assign["t_user"]
                     assign["t_user"] = u_logits
@@ -498,7 +498,7 @@ def _run_config(spec: dict) -> dict:
         jax.config.update("jax_enable_compilation_cache", False)
     for name in spec.get("patches", ()):
         PATCHES[name]()
-    from lgmrec_jax import trainer
+    from lgmrec_jax import configs, trainer
     from lgmrec_jax.run import Experiment
 
     result = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
@@ -509,6 +509,7 @@ def _run_config(spec: dict) -> dict:
     result["load_s"] = round(time.perf_counter() - tick, 3)
     cfg.kernel, cfg.matmul_precision = spec["kernel"], spec["precision"]
     cfg.feature_dtype = result["feature_dtype"] = spec.get("feature_dtype", "float32")
+    configs.validate(cfg)  # a bad --kernel, --matmul_precision or --feature_dtype fails here, by name
     result.update(n_users=ds.n_users, n_items=ds.n_items, n_train=int(len(ds.train)),
                   n_valid=int(len(ds.valid)), n_test=int(len(ds.test)),
                   feature_dims={m: int(f.shape[1]) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None},
@@ -704,7 +705,7 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
         return model.apply(p, graph, feats, sample_noise(k, shapes, train=True, keep_rate=model.keep_rate))
 
     def total(p, graph, feats, batch, k):
-        return losses.loss_parts(forward(p, graph, feats, k), batch, cfg.cl_weight, cfg.reg_weight).total
+        return losses.loss_parts(forward(p, graph, feats, k), batch, cfg.cl_weight, cfg.reg_weight, cfg.tau).total
 
     def no_hcl(p, graph, feats, batch, k):
         out = forward(p, graph, feats, k)
@@ -719,8 +720,8 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
         if "t_user" not in h or "v_user" not in h:
             return jnp.zeros(())
         return cfg.cl_weight * (
-            losses.infonce(h["v_user"][batch.users], h["t_user"][batch.users], h["t_user"], batch.mask)
-            + losses.infonce(h["v_item"][batch.pos], h["t_item"][batch.pos], h["t_item"], batch.mask))
+            losses.infonce(h["v_user"][batch.users], h["t_user"][batch.users], h["t_user"], batch.mask, cfg.tau)
+            + losses.infonce(h["v_item"][batch.pos], h["t_item"][batch.pos], h["t_item"], batch.mask, cfg.tau))
 
     ops = getattr(model, "big_ops", None)  # the model's matmul provider, where it has one
     project = (lambda f, w: ops.feature_matmul(f, w, model.n_items)) if ops is not None else (lambda f, w: f @ w)
@@ -839,6 +840,7 @@ def run_isolated(spec: dict) -> dict:
         proc = subprocess.run(worker_command(spec, result_path), cwd=REPO)
         if proc.returncode != 0:
             return {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
+                    "feature_dtype": spec.get("feature_dtype", "float32"),
                     "patches": list(spec.get("patches", ())), "error": f"worker exited with {proc.returncode}"}
         with open(result_path) as handle:
             return json.load(handle)
@@ -849,7 +851,8 @@ def run_isolated(spec: dict) -> dict:
 def specs(settings: Settings) -> list[dict]:
     patch_sets = ([()] if settings.baseline or not settings.patch_sets else []) + [tuple(p) for p in settings.patch_sets]
     out = []
-    full_names = set(dataset_names(dataclasses.replace(settings, presets=settings.full_run_presets, scales=())))
+    full_names = set(dataset_names(dataclasses.replace(settings, presets=settings.full_run_presets, scales=(),
+                                                       scaled=())))
     for name in dataset_names(settings):
         full = settings.full_run and (not settings.full_run_presets or name in full_names)
         for kernel, precision, feature_dtype, patches in itertools.product(
@@ -866,7 +869,8 @@ def compile_cache_runs(spec: dict, isolate: bool) -> dict:
     """Cold then warm process start against one fresh persistent cache directory."""
     cache_dir = tempfile.mkdtemp(prefix="lgmrec-jax-cache-")
     base = dict(spec, epochs_to_time=1, eval_repeats=1, profile=False, full_run=False, compile_cache_dir=cache_dir)
-    out = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"]}
+    out = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
+           "feature_dtype": spec.get("feature_dtype", "float32")}
     try:
         for phase in ("cold", "warm"):
             res = run_isolated(base) if isolate else run_config(base)
@@ -1143,6 +1147,13 @@ def settings_from_flags() -> Settings:
     for name in (n for group in patch_sets for n in group):
         if name not in PATCHES:
             raise app.UsageError(f"--patch={name}: unknown; expected one of {sorted(PATCHES)}")
+    from lgmrec_jax import configs
+
+    for flag, allowed in (("kernel", configs.KERNELS), ("matmul_precision", configs.PRECISIONS),
+                          ("feature_dtype", configs.FEATURE_DTYPES)):
+        for value in FLAGS[flag].value:
+            if value not in allowed:
+                raise app.UsageError(f"--{flag}={value}: unknown; expected one of {list(allowed)}")
     presets = tuple(FLAGS.presets)
     try:
         scaled = tuple(tuple(float(x) for x in pair.split(":")) for pair in FLAGS.scaled)

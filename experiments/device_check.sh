@@ -17,7 +17,8 @@
 #   grid     configs per hour for K = 1, 4, 16 same-shape clothing configs (map, vmap_columns)
 #   scale    clothing x 0.25 .. 4: epoch time and device memory against size
 #   numerics the precision study: experiments/grids/numerics.py (matmul precision x feature dtype) at
-#            clothing scale, seeds 0,1,2, full early-stopped runs; results.md -> numerics.md
+#            clothing scale, seeds $SEEDS (default 0,1), full early-stopped runs; results.md (or, when
+#            the cap cuts it short, the tables of the configs that finished) -> numerics.md
 # One call holds at most 10 minutes and a session 15 minutes of device time: split the stages over
 # two calls, e.g. STAGES="env parity bench full" then STAGES="grid scale numerics".
 # ml-collections is not in the machine's image: carry its wheel in .whl (device README).
@@ -36,7 +37,7 @@ DATA=${DATA_DIR:-/tmp/lgmrec_data}
 if [ "${LGMREC_SMOKE:-0}" = 1 ]; then  # the same commands on the smallest presets, to test this script
   PRESET=tiny; SCALES=0.002,0.004; SIZES=1,2; EPOCHS=1; CAP=300; SEEDS=0,1
 else
-  PRESET=clothing; SCALES=0.25,0.5,1,2,4; SIZES=1,4,16; EPOCHS=5; CAP=420; SEEDS=0,1,2
+  PRESET=clothing; SCALES=0.25,0.5,1,2,4; SIZES=1,4,16; EPOCHS=5; CAP=420; SEEDS=${SEEDS:-0,1}
 fi
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/log.txt"; }
 stage() {  # stage NAME SECONDS COMMAND...: runs it under a cap, its output appended to log.txt
@@ -76,7 +77,11 @@ for s in $STAGES; do
     numerics)
       stage numerics "$CAP" $PY -m experiments.grid --grid=numerics --dataset=synthetic_$PRESET --data_dir="$DATA" \
         --seeds=$SEEDS --workdir=/tmp/lgmrec_numerics
-      cp /tmp/lgmrec_numerics/results.md "$OUT/numerics.md" 2>/dev/null || log "numerics: no results.md yet" ;;
+      # Cut off by its cap, the grid has written no tables: make them from the configs that finished
+      # (rerunning the stage resumes the rest).
+      [ -f /tmp/lgmrec_numerics/results.md ] || $PY -m experiments.grid_merge --workdir=/tmp/lgmrec_numerics \
+        --allow_partial >>"$OUT/log.txt" 2>&1
+      cp /tmp/lgmrec_numerics/results.md "$OUT/numerics.md" 2>/dev/null || log "numerics: no results yet" ;;
     *) log "unknown stage $s" ;;
   esac
 done

@@ -365,7 +365,7 @@ def run_grid(name: str, dataset: str, data_dir: str, workdir: Optional[str] = No
     """Runs (or resumes) shard ``shard`` of grid ``name``; returns {"summaries": {cid: summary}, ...}."""
     import jax
 
-    from lgmrec_jax import multi, run as run_lib
+    from lgmrec_jax import distributed, multi, run as run_lib
     from lgmrec_jax.data import load_dataset
 
     if mode not in MODES:
@@ -405,8 +405,9 @@ def run_grid(name: str, dataset: str, data_dir: str, workdir: Optional[str] = No
         if mode == "sequential":
             for p in chunk:
                 try:
-                    summaries[p.cid] = run_lib.train_and_evaluate(
-                        p.cfg, ds, config_dir(workdir, p.cid), stop_after_epochs=stop_after_epochs)
+                    with distributed.process_local():  # this process's shard: its own single runs
+                        summaries[p.cid] = run_lib.train_and_evaluate(
+                            p.cfg, ds, config_dir(workdir, p.cid), stop_after_epochs=stop_after_epochs)
                 except run_lib.NonFiniteError:  # recorded in its summary.json; the grid goes on
                     summaries[p.cid] = read_json(os.path.join(config_dir(workdir, p.cid), "summary.json"))
             continue

@@ -204,6 +204,13 @@ def run_one(paper_name: str, request: dict) -> dict:
     entry = {"dataset": paper_name, "data": data, "workdir": workdir, "error": None}
     try:
         ds = load_dataset(request["data_dir"], data)
+    except DatasetError as err:
+        entry["error"] = str(err)
+    # Under jax.distributed a run spans every process: all of them train this dataset, or none does.
+    if not distributed.all_true(entry["error"] is None):
+        entry["error"] = entry["error"] or "its data cannot be loaded on another process (see that process's log)"
+        return entry
+    try:
         cfg = config_for(paper_name, request["variant"], request["config_overrides"])
         logging.info("%s: training on %s in %s", paper_name, data, workdir)
         summary = train_and_evaluate(cfg, ds, workdir, restart=request["restart"])

@@ -8,13 +8,17 @@ process feeds its own devices' rows of the batch, the graph and the features (lg
 and the gradients are summed across all of them. Process 0 alone owns the workdir (lock, checkpoints,
 metrics, summary) and evaluates; it shares with the others what keeps every process's loop in step
 (:func:`broadcast_json`, :func:`broadcast_tree`: the restored state, each evaluation's metrics), so
-the other processes need no shared filesystem. A grid (experiments/grid.py) instead gives each process
-its own shard of configs. On CPU the collectives go through gloo (tests/test_distributed.py runs two
-local processes); on GPUs through NCCL.
+the other processes need no shared filesystem. Every process must be started with the same config and
+data: :func:`check_same_setup` compares them first and refuses a mismatch on every process. A grid
+(experiments/grid.py) instead gives each process its own shard of configs, each trained by that
+process alone (:func:`process_local`). On CPU the collectives go through gloo (tests/test_distributed.py
+runs two local processes); on GPUs through NCCL.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 from typing import Any
 
@@ -53,33 +57,86 @@ def initialize_from_flags() -> tuple[int, int]:
     return initialize(f.coordinator_address, f.num_processes, f.process_id)
 
 
-def is_primary() -> bool:
+_local_scopes = 0  # > 0 inside process_local()
+
+
+@contextlib.contextmanager
+def process_local():
+    """Runs started inside are this process's alone even under jax.distributed: its own devices,
+    its own workdir, no collectives (a grid's ``--mode=sequential``, where each process trains its
+    own shard of configs)."""
+    global _local_scopes
+    _local_scopes += 1
+    try:
+        yield
+    finally:
+        _local_scopes -= 1
+
+
+def spans_processes() -> bool:
+    """True when a run is one program over several processes (jax.distributed, outside process_local)."""
     import jax
 
-    return jax.process_index() == 0
+    return _local_scopes == 0 and jax.process_count() > 1
+
+
+def is_primary() -> bool:
+    """The process that owns a run's workdir: process 0, or this one when the run is not shared."""
+    import jax
+
+    return not spans_processes() or jax.process_index() == 0
 
 
 def broadcast_tree(tree: Any) -> Any:
     """Process 0's array tree on every process (the others pass a tree of the same shapes)."""
-    import jax
-
-    if jax.process_count() == 1:
+    if not spans_processes():
         return tree
     from jax.experimental import multihost_utils
 
     return multihost_utils.broadcast_one_to_all(tree)
 
 
+def _padded_size(n: int) -> int:
+    """Power-of-two buffer sizes, so a broadcast compiles once per size class, not once per message."""
+    return 1 << max(6, (n - 1).bit_length())
+
+
 def broadcast_json(value: Any) -> Any:
     """Process 0's JSON-able value on every process (what the others pass is ignored). JSON keeps
     floats exact, so every process then takes the same decisions from the same numbers."""
-    import jax
-
-    if jax.process_count() == 1:
+    if not spans_processes():
         return value
     from jax.experimental import multihost_utils
 
-    payload = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_primary() else np.zeros(0, np.uint8)
-    size = int(multihost_utils.broadcast_one_to_all(np.int32(payload.size)))
-    buffer = payload if is_primary() else np.zeros(size, np.uint8)
-    return json.loads(bytes(np.asarray(multihost_utils.broadcast_one_to_all(buffer))).decode())
+    payload = json.dumps(value).encode() if is_primary() else b""
+    size = int(multihost_utils.broadcast_one_to_all(np.int32(len(payload))))
+    buffer = np.zeros(_padded_size(size), np.uint8)
+    buffer[:len(payload)] = np.frombuffer(payload, np.uint8)
+    received = np.asarray(multihost_utils.broadcast_one_to_all(buffer))
+    return json.loads(bytes(received[:size]).decode())
+
+
+def all_true(ok: bool) -> bool:
+    """Whether ``ok`` holds on every process (each passes its own)."""
+    if not spans_processes():
+        return ok
+    from jax.experimental import multihost_utils
+
+    return bool(np.all(np.asarray(multihost_utils.process_allgather(np.int32(bool(ok))))))
+
+
+def check_same_setup(description: Any) -> None:
+    """Raises DistributedError on every process unless every process describes its run the same
+    way (config, dataset checksums, devices): otherwise their collectives would pair unlike work."""
+    if not spans_processes():
+        return
+    import jax
+    from jax.experimental import multihost_utils
+
+    digest = np.frombuffer(hashlib.sha256(json.dumps(description, sort_keys=True).encode()).digest(), np.uint8)
+    everyone = np.asarray(multihost_utils.process_allgather(digest)).reshape(jax.process_count(), -1)
+    differing = [p for p in range(len(everyone)) if not np.array_equal(everyone[p], everyone[0])]
+    if differing:
+        raise DistributedError(f"processes {differing} were started with another setup than process 0 (config, "
+                               f"dataset files or device count differ); start every process with the same "
+                               f"flags and data")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import jax
 
-from lgmrec_jax import trainer
+from lgmrec_jax import distributed, trainer
 
 
 class SingleDeviceRunner:
@@ -42,7 +42,7 @@ def resolve_num_devices(requested: int) -> int:
 
 def make_runner(model, optimizer, cfg):
     n = resolve_num_devices(cfg.num_devices)
-    if n == 1 and jax.process_count() == 1:
+    if n == 1 and not distributed.spans_processes():
         return SingleDeviceRunner(model, optimizer, cfg)
     from lgmrec_jax import sharded  # the row-sharded multi-device step
 

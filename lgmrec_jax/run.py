@@ -371,6 +371,11 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
     configs.validate(cfg)
     wd = Workdir(workdir)
     identity = run_identity(cfg, ds)
+    try:  # under jax.distributed every process must run the same thing, or the collectives mix runs
+        distributed.check_same_setup({"identity": identity,
+                                      "devices": parallel.resolve_num_devices(cfg.num_devices)})
+    except distributed.DistributedError as err:
+        raise RunError(str(err)) from None
     _on_primary(lambda: wd.prepare(identity, restart))
     try:
         return _train(cfg, ds, wd, identity, stop_after_epochs)
@@ -428,9 +433,13 @@ def _on_primary(fn):
     if distributed.is_primary():
         try:
             result = fn()
-        except (RunError, ckpt_lib.CheckpointError, OSError) as err:
+        except Exception as err:  # noqa: BLE001  re-raised below, after the others have heard of it
             failure = err
-    message = distributed.broadcast_json(None if failure is None else str(failure))
+    text = None
+    if failure is not None:  # the run's own errors are one line already; name anything else's type
+        known = isinstance(failure, (RunError, ckpt_lib.CheckpointError, OSError))
+        text = str(failure) if known else f"{type(failure).__name__}: {failure}"
+    message = distributed.broadcast_json(text)
     if failure is not None:
         raise failure
     if message is not None:
@@ -491,9 +500,10 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
             return done
         if restored is not None:
             state = restored
-        if jax.process_count() > 1:
-            state = distributed.broadcast_tree(state)
+        if distributed.spans_processes():
             progress = Progress(**distributed.broadcast_json(dataclasses.asdict(progress)))
+            if progress.epoch > 0:  # restored from a checkpoint (a fresh start is the same everywhere)
+                state = distributed.broadcast_tree(state)
         state = exp.runner.put(state)
         stopper = (EarlyStopping.from_state_dict(progress.stopper) if progress.stopper
                    else EarlyStopping(cfg.stopping_step))
@@ -517,7 +527,7 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
             stop = False
             if (epoch + 1) % cfg.eval_step == 0 and exp.plans:
                 tick = time.time()
-                results = distributed.broadcast_json(exp.evaluate(host_state.params, epoch) if primary else None)
+                results = distributed.broadcast_json(_on_primary(lambda: exp.evaluate(host_state.params, epoch)))
                 row["eval_s"] = round(time.time() - tick, 4)
                 row.update(results)
                 stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],

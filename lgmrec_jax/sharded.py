@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.experimental import sparse
 
-from lgmrec_jax import losses, trainer
+from lgmrec_jax import distributed, losses, trainer
 from lgmrec_jax.graph import Graph, propagate
 from lgmrec_jax.model import frozen_feature_matmul, sample_noise
 
@@ -110,10 +110,10 @@ def local_graph(shards: dict, shapes: dict, user_inv_deg) -> Graph:
 
 
 def step_devices(per_process: int) -> list:
-    """The first ``per_process`` local devices of every process, process 0's first: the devices of
-    the step (all of them under jax.distributed, lgmrec_jax/distributed.py)."""
+    """The first ``per_process`` local devices of every process taking part, process 0's first: the
+    devices of the step (every process's when a run spans processes, lgmrec_jax/distributed.py)."""
     by_process: dict = {}
-    for device in jax.devices():
+    for device in (jax.devices() if distributed.spans_processes() else jax.local_devices()):
         by_process.setdefault(device.process_index, []).append(device)
     return [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:per_process]]
 

@@ -84,6 +84,20 @@ def test_two_processes_train_one_run_resumable_from_one_process(synthetic_dir, e
     assert_same_run(rows(whole), rows(fresh))
 
 
+def test_processes_started_with_different_setups_are_refused(synthetic_dir, env, tmp_path):
+    port = free_port()
+    procs = [train(env, 2, f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / str(i)}", f"--config.alpha={alpha}",
+                   f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}")
+             for i, alpha in enumerate((0.3, 0.5))]
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 2, err[-2000:]
+        assert err.strip().splitlines()[-1] == (
+            "error: processes [1] were started with another setup than process 0 (config, dataset files or device "
+            "count differ); start every process with the same flags and data")
+    assert not (tmp_path / "0").exists()  # refused before process 0 touched its workdir
+
+
 def test_a_refusal_on_process_0_stops_process_1(synthetic_dir, env, tmp_path):
     workdir = tmp_path / "taken"
     workdir.write_text("a file where the workdir should be")

@@ -186,12 +186,15 @@ def test_devices_and_batchings_give_the_same_results(plain_dir, tmp_path):
             assert_close_runs(rows_1, rows_2)
 
 
-def test_two_processes_with_jax_distributed_split_the_grid(plain_dir, tmp_path, compilation_cache):
+@pytest.mark.parametrize("mode", ["group", "sequential"])
+def test_two_processes_with_jax_distributed_split_the_grid(plain_dir, tmp_path, compilation_cache, mode):
+    """Each process trains its own shard; in sequential mode each config is a process-local single run
+    (not one run spanning both processes)."""
     g = grid_file(tmp_path, ALPHA_SEEDS)
     port = free_port()
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     common = ["--dataset=plain", f"--data_dir={plain_dir}", f"--grid={g}", f"--workdir={tmp_path / 'wd'}",
-              f"--coordinator_address=localhost:{port}", "--num_processes=2",
+              f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--mode={mode}",
               f"--compilation_cache_dir={compilation_cache}"] + [f"--config.{k}={v}" for k, v in PLAIN.items()]
     procs = [subprocess.Popen([sys.executable, "-m", "experiments.grid", *common, f"--process_id={i}"], cwd=REPO,
                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
