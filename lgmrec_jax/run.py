@@ -487,86 +487,92 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
     program over all their devices); process 0 alone evaluates and writes, and broadcasts the
     restored state and each evaluation's metrics, so every process takes the same decisions."""
     started = time.time()
-    primary = distributed.is_primary()
     with jax.default_matmul_precision(cfg.matmul_precision):
         exp = Experiment(cfg, ds)
         state = exp.init_state()
         checkpoints, restored, progress, board, done = (
             _on_primary(lambda: _open_workdir(cfg, ds, wd, identity, state)) or (None, None, Progress(), None, None))
-        done = distributed.broadcast_json(done)
-        if done is not None:
+        try:
+            return _run_epochs(cfg, ds, wd, exp, state, restored, progress, done, checkpoints, board, started,
+                               stop_after_epochs)
+        finally:
             if checkpoints is not None:
                 checkpoints.close()
-            return done
-        if restored is not None:
-            state = restored
-        if distributed.spans_processes():
-            progress = Progress(**distributed.broadcast_json(dataclasses.asdict(progress)))
-            if progress.epoch > 0:  # restored from a checkpoint (a fresh start is the same everywhere)
-                state = distributed.broadcast_tree(state)
-        state = exp.runner.put(state)
-        stopper = (EarlyStopping.from_state_dict(progress.stopper) if progress.stopper
-                   else EarlyStopping(cfg.stopping_step))
-        summary_path = wd.file("summary.json") if primary else None
+            exp.batches.close()
+            if board is not None:
+                board.close()
 
-        epochs_this_call = 0
-        while not stopper.should_stop and progress.epoch < cfg.epochs:
-            epoch = progress.epoch
+
+def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress: Progress, done, checkpoints,
+                board, started: float, stop_after_epochs) -> dict:
+    """The epochs of _train, from its opened workdir (process 0's; None elsewhere) to the summary."""
+    primary = distributed.is_primary()
+    # What process 0 found, in one broadcast: a finished run's summary, or where to continue.
+    shared = distributed.broadcast_json({"done": done, "progress": dataclasses.asdict(progress)})
+    if shared["done"] is not None:
+        return shared["done"]
+    if restored is not None:
+        state = restored
+    if distributed.spans_processes():
+        progress = Progress(**shared["progress"])
+        if progress.epoch > 0:  # restored from a checkpoint (a fresh start is the same everywhere)
+            state = distributed.broadcast_tree(state)
+    state = exp.runner.put(state)
+    stopper = (EarlyStopping.from_state_dict(progress.stopper) if progress.stopper
+               else EarlyStopping(cfg.stopping_step))
+    summary_path = wd.file("summary.json") if primary else None
+
+    epochs_this_call = 0
+    while not stopper.should_stop and progress.epoch < cfg.epochs:
+        epoch = progress.epoch
+        tick = time.time()
+        show = progress_bar(epoch) if sys.stderr.isatty() else None
+        if fault("kill", "train", epoch) is not None:  # fault injection: SIGKILL halfway through
+            show = lambda done, total, epoch=epoch: done * 2 >= total and _kill_at("train", epoch)
+        state, parts = exp.train_epoch(state, epoch, show)
+        loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
+        host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
+        parts, host_state = _inject_nan(parts, host_state, epoch)  # no-op unless LGMREC_FAULT asks
+        check_finite(parts, host_state, epoch, summary_path, progress,
+                     checkpoints.steps() if primary else None)
+        train_s = time.time() - tick
+        row = {"epoch": epoch, "loss": loss, "train_s": round(train_s, 4)}
+        stop = False
+        if (epoch + 1) % cfg.eval_step == 0 and exp.plans:
             tick = time.time()
-            show = progress_bar(epoch) if sys.stderr.isatty() else None
-            if fault("kill", "train", epoch) is not None:  # fault injection: SIGKILL halfway through
-                show = lambda done, total, epoch=epoch: done * 2 >= total and _kill_at("train", epoch)
-            state, parts = exp.train_epoch(state, epoch, show)
-            loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
-            host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
-            parts, host_state = _inject_nan(parts, host_state, epoch)  # no-op unless LGMREC_FAULT asks
-            check_finite(parts, host_state, epoch, summary_path, progress,
-                         checkpoints.steps() if primary else None)
-            train_s = time.time() - tick
-            row = {"epoch": epoch, "loss": loss, "train_s": round(train_s, 4)}
-            stop = False
-            if (epoch + 1) % cfg.eval_step == 0 and exp.plans:
-                tick = time.time()
-                results = distributed.broadcast_json(_on_primary(lambda: exp.evaluate(host_state.params, epoch)))
-                row["eval_s"] = round(time.time() - tick, 4)
-                row.update(results)
-                stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],
-                                      results.get("test", {}))
-                row.update(best_epoch=stopper.best_epoch, patience_left=stopper.patience_left)
-            progress.history.append(row)
-            progress.epoch = epoch + 1
-            log_epoch(row, stopper, cfg.valid_metric)
-            if stop or (epoch + 1) % cfg.checkpoint_every == 0 or progress.epoch >= cfg.epochs:
-                progress.stopper = stopper.state_dict()
-                meta = dataclasses.asdict(progress)
-                meta["wall_s"] = progress.wall_s + time.time() - started  # earlier sessions + this one
-                valid_value = row.get("valid", {}).get(cfg.valid_metric)
-                _on_primary(lambda: _save(checkpoints, epoch, host_state, meta, valid_value))
-            _on_primary(lambda: _record(wd, board, row))
-            epochs_this_call += 1
-            if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not stop \
-                    and progress.epoch < cfg.epochs:
-                if checkpoints is not None:
-                    checkpoints.close()
-                return {"status": "interrupted", "epoch": progress.epoch}
-        if checkpoints is not None:
-            checkpoints.close()
-        exp.batches.close()
-        if board is not None:
-            board.close()
-        summary = {
-            "status": "early_stopped" if stopper.should_stop else "max_epochs",
-            "dataset": ds.name,
-            "best_epoch": stopper.best_epoch,
-            "best_valid": stopper.best_valid,
-            "best_test": stopper.best_test,
-            "epochs_run": progress.epoch,
-            "valid_metric": cfg.valid_metric,
-            "total_wall_s": round(progress.wall_s + time.time() - started, 3),
-        }
-        if primary:
-            write_summary(summary_path, summary, progress.epoch - 1)
-        return summary
+            results = distributed.broadcast_json(_on_primary(lambda: exp.evaluate(host_state.params, epoch)))
+            row["eval_s"] = round(time.time() - tick, 4)
+            row.update(results)
+            stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],
+                                  results.get("test", {}))
+            row.update(best_epoch=stopper.best_epoch, patience_left=stopper.patience_left)
+        progress.history.append(row)
+        progress.epoch = epoch + 1
+        log_epoch(row, stopper, cfg.valid_metric)
+        if stop or (epoch + 1) % cfg.checkpoint_every == 0 or progress.epoch >= cfg.epochs:
+            progress.stopper = stopper.state_dict()
+            meta = dataclasses.asdict(progress)
+            meta["wall_s"] = progress.wall_s + time.time() - started  # earlier sessions + this one
+            valid_value = row.get("valid", {}).get(cfg.valid_metric)
+            _on_primary(lambda: _save(checkpoints, epoch, host_state, meta, valid_value))
+        _on_primary(lambda: _record(wd, board, row))
+        epochs_this_call += 1
+        if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not stop \
+                and progress.epoch < cfg.epochs:
+            return {"status": "interrupted", "epoch": progress.epoch}
+    summary = {
+        "status": "early_stopped" if stopper.should_stop else "max_epochs",
+        "dataset": ds.name,
+        "best_epoch": stopper.best_epoch,
+        "best_valid": stopper.best_valid,
+        "best_test": stopper.best_test,
+        "epochs_run": progress.epoch,
+        "valid_metric": cfg.valid_metric,
+        "total_wall_s": round(progress.wall_s + time.time() - started, 3),
+    }
+    if primary:
+        write_summary(summary_path, summary, progress.epoch - 1)
+    return summary
 
 
 def write_summary(path: str, summary: dict, last_epoch: int) -> None:
