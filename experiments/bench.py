@@ -91,6 +91,7 @@ class Settings:
     kernels: tuple = ("segment_sum",)
     precisions: tuple = ("highest",)
     feature_dtypes: tuple = ("float32",)
+    eval_topks: tuple = ("direct",)
     patch_sets: tuple = ()  # tuples of PATCHES names; each is one more configuration
     baseline: bool = True  # the unpatched configuration too
     profile: bool = False
@@ -509,7 +510,8 @@ def _run_config(spec: dict) -> dict:
     result["load_s"] = round(time.perf_counter() - tick, 3)
     cfg.kernel, cfg.matmul_precision = spec["kernel"], spec["precision"]
     cfg.feature_dtype = result["feature_dtype"] = spec.get("feature_dtype", "float32")
-    configs.validate(cfg)  # a bad --kernel, --matmul_precision or --feature_dtype fails here, by name
+    cfg.eval_topk = result["eval_topk"] = spec.get("eval_topk", "direct")
+    configs.validate(cfg)  # a bad --kernel, --matmul_precision, --feature_dtype or --eval_topk fails here
     result.update(n_users=ds.n_users, n_items=ds.n_items, n_train=int(len(ds.train)),
                   n_valid=int(len(ds.valid)), n_test=int(len(ds.test)),
                   feature_dims={m: int(f.shape[1]) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None},
@@ -841,7 +843,8 @@ def run_isolated(spec: dict) -> dict:
         if proc.returncode != 0:
             return {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
                     "feature_dtype": spec.get("feature_dtype", "float32"),
-                    "patches": list(spec.get("patches", ())), "error": f"worker exited with {proc.returncode}"}
+                    "eval_topk": spec.get("eval_topk", "direct"), "patches": list(spec.get("patches", ())),
+                    "error": f"worker exited with {proc.returncode}"}
         with open(result_path) as handle:
             return json.load(handle)
     finally:
@@ -855,9 +858,10 @@ def specs(settings: Settings) -> list[dict]:
                                                        scaled=())))
     for name in dataset_names(settings):
         full = settings.full_run and (not settings.full_run_presets or name in full_names)
-        for kernel, precision, feature_dtype, patches in itertools.product(
-                settings.kernels, settings.precisions, settings.feature_dtypes, patch_sets):
+        for kernel, precision, feature_dtype, eval_topk, patches in itertools.product(
+                settings.kernels, settings.precisions, settings.feature_dtypes, settings.eval_topks, patch_sets):
             out.append({"dataset": name, "kernel": kernel, "precision": precision, "feature_dtype": feature_dtype,
+                        "eval_topk": eval_topk,
                         "patches": list(patches), "data_dir": os.path.abspath(settings.data_dir),
                         "epochs_to_time": settings.epochs_to_time, "eval_repeats": settings.eval_repeats,
                         "profile": settings.profile, "profile_steps": settings.profile_steps, "full_run": full,
@@ -870,7 +874,7 @@ def compile_cache_runs(spec: dict, isolate: bool) -> dict:
     cache_dir = tempfile.mkdtemp(prefix="lgmrec-jax-cache-")
     base = dict(spec, epochs_to_time=1, eval_repeats=1, profile=False, full_run=False, compile_cache_dir=cache_dir)
     out = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
-           "feature_dtype": spec.get("feature_dtype", "float32")}
+           "feature_dtype": spec.get("feature_dtype", "float32"), "eval_topk": spec.get("eval_topk", "direct")}
     try:
         for phase in ("cold", "warm"):
             res = run_isolated(base) if isolate else run_config(base)
@@ -955,6 +959,12 @@ def numerics(result: dict) -> str:
     return result["matmul_precision"] + (", bf16 features" if bf16 else "")
 
 
+def kernels(result: dict) -> str:
+    """The kernel column: the propagation kernel, and the evaluation's top-k method where recorded
+    (results from before config eval_topk existed ran "direct")."""
+    return result["kernel"] + (f", {result['eval_topk']} top-k" if "eval_topk" in result else "")
+
+
 def _f(x, digits=None):
     """Fixed digits, or (default) three significant digits for times."""
     if x is None:
@@ -996,7 +1006,7 @@ def markdown(report: dict) -> str:
         if r.get("compile_only"):
             continue  # in the program-memory table below
         if "error" in r:
-            lines.append(f"| {r.get('run', 0)} | | {r['dataset']} | | | | {r['kernel']} | {numerics(r)} | "
+            lines.append(f"| {r.get('run', 0)} | | {r['dataset']} | | | | {kernels(r)} | {numerics(r)} | "
                          f"{','.join(r['patches']) or '-'} | error: {r['error']} |" + " |" * 12)
             continue
         c = r["compile"]
@@ -1006,7 +1016,7 @@ def markdown(report: dict) -> str:
         mem = r["memory"]
         shares = [x for x in r.get("epoch_others_share", []) + r.get("eval_others_share", []) if x is not None]
         lines.append(
-            f"| {r.get('run', 0)} | {r.get('code', {}).get('lgmrec_jax_sha256_12', '-')[:7]} | {r['dataset']} | {r['n_users']} | {r['n_items']} | {r['n_train']} | {r['kernel']} | "
+            f"| {r.get('run', 0)} | {r.get('code', {}).get('lgmrec_jax_sha256_12', '-')[:7]} | {r['dataset']} | {r['n_users']} | {r['n_items']} | {r['n_train']} | {kernels(r)} | "
             f"{numerics(r)} | {','.join(r['patches']) or '-'} | {comp} | {_f(r['first_epoch_s'])} | "
             f"{len(r['epoch_times_s'])} | {_f(r['epoch_s'])} ({_f(r.get('epoch_min_s'))}) | {_f(r.get('epoch_cpu_s'))} | {_f(r['steps_per_s'])} | "
             f"{_f(r['sampler_s'])} | {_f(r.get('eval_s'))} | {_f(r.get('eval_compile_s'))} | "
@@ -1019,7 +1029,7 @@ def markdown(report: dict) -> str:
                   "median train | median eval |", "|---|---|---|---|---|---|---|---|---|---|"]
         for r in full:
             f = r["full_run"]
-            lines.append(f"| {r['dataset']} | {r['kernel']} | {numerics(r)} | {_f(f['wall_s'], 1)} | "
+            lines.append(f"| {r['dataset']} | {kernels(r)} | {numerics(r)} | {_f(f['wall_s'], 1)} | "
                          f"{f['status']} | {f['epochs_run']} | {f['best_epoch']} | {_f(f['best_valid_recall@20'], 4)} | "
                          f"{_f(f['median_train_s'])} | {_f(f['median_eval_s'])} |")
     scaled = [r for r in report["results"] if "epoch_s" in r and parse_scaled(r["dataset"])]
@@ -1117,6 +1127,8 @@ def define_flags() -> None:
     flags.DEFINE_list("matmul_precision", ["highest"], "Matmul precisions to compare: highest, high, default.")
     flags.DEFINE_list("feature_dtype", ["float32"], "Feature storage types to compare: float32, bfloat16 "
                       "(config feature_dtype).")
+    flags.DEFINE_list("eval_topk", ["direct"], "Evaluation top-k methods to compare: direct, grouped, approx "
+                      "(config eval_topk).")
     flags.DEFINE_multi_string("patch", [], "A comma-separated set of experimental monkeypatches (names in "
                               "experiments.bench.PATCHES), measured as one more configuration next to the "
                               "unpatched one; repeat the flag for several sets.")
@@ -1150,7 +1162,7 @@ def settings_from_flags() -> Settings:
     from lgmrec_jax import configs
 
     for flag, allowed in (("kernel", configs.KERNELS), ("matmul_precision", configs.PRECISIONS),
-                          ("feature_dtype", configs.FEATURE_DTYPES)):
+                          ("feature_dtype", configs.FEATURE_DTYPES), ("eval_topk", configs.EVAL_TOPK_METHODS)):
         for value in FLAGS[flag].value:
             if value not in allowed:
                 raise app.UsageError(f"--{flag}={value}: unknown; expected one of {list(allowed)}")
@@ -1166,7 +1178,7 @@ def settings_from_flags() -> Settings:
     return Settings(presets=presets, scales=tuple(float(s) for s in FLAGS.scales), scaled=scaled, feature_dims=dims,
                     epochs_to_time=max(1, FLAGS.epochs_to_time), eval_repeats=FLAGS.eval_repeats,
                     compile_only=FLAGS.compile_only, full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
-                    precisions=tuple(FLAGS.matmul_precision), feature_dtypes=tuple(FLAGS.feature_dtype), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
+                    precisions=tuple(FLAGS.matmul_precision), feature_dtypes=tuple(FLAGS.feature_dtype), eval_topks=tuple(FLAGS.eval_topk), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
                     compile_cache=FLAGS.compile_cache, isolate=FLAGS.isolate, wait_idle_s=FLAGS.wait_idle_s, out=FLAGS.out, tag=FLAGS.tag, append=FLAGS.append,
                     data_dir=FLAGS.data_dir)
 

@@ -13,6 +13,8 @@
 #            ../shared/golden there, git-ignored, and carry it; nothing of it is committed)
 #   bench    clothing: segment_sum and bcoo x highest and default precision, 5 timed epochs and
 #            evaluations, the persistent compilation cache cold vs warm
+#   topk     clothing: evaluation top-k "direct" vs "grouped" (both exact) at default precision, appended
+#            to bench_gpu (decides the default of config eval_topk on GPUs)
 #   full     clothing, segment_sum, default config: one early-stopped run end to end
 #   grid     configs per hour for K = 1, 4, 16 same-shape clothing configs (map, vmap_columns)
 #   scale    clothing x 0.25 .. 4: epoch time and device memory against size
@@ -20,12 +22,12 @@
 #            clothing scale, seeds $SEEDS (default 0,1), full early-stopped runs; results.md (or, when
 #            the cap cuts it short, the tables of the configs that finished) -> numerics.md
 # One call holds at most 10 minutes and a session 15 minutes of device time: split the stages over
-# two calls, e.g. STAGES="env parity bench full" then STAGES="grid scale numerics".
+# two calls, e.g. STAGES="env parity bench topk full" then STAGES="grid scale numerics".
 # ml-collections is not in the machine's image: carry its wheel in .whl (device README).
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env parity bench full grid scale numerics"}
+STAGES=${STAGES:-"env parity bench topk full grid scale numerics"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
@@ -65,6 +67,10 @@ for s in $STAGES; do
       stage bench "$CAP" $PY -m experiments.bench --presets=$PRESET --kernel=segment_sum,bcoo \
         --matmul_precision=highest,default --epochs_to_time=$EPOCHS --eval_repeats=$EPOCHS --compile_cache \
         --data_dir="$DATA" --out="$OUT" --tag=gpu ;;
+    topk)
+      stage topk "$CAP" $PY -m experiments.bench --presets=$PRESET --matmul_precision=default \
+        --eval_topk=direct,grouped --epochs_to_time=1 --eval_repeats=$EPOCHS --data_dir="$DATA" --out="$OUT" \
+        --tag=gpu --append ;;
     full)
       stage full "$CAP" $PY -m experiments.bench --presets=$PRESET --full_run --epochs_to_time=2 --eval_repeats=2 \
         --data_dir="$DATA" --out="$OUT" --tag=gpu --append ;;

@@ -34,6 +34,14 @@ class Noise(NamedTuple):
     keep: Optional[dict]
 
 
+class NoiseFree(NamedTuple):
+    """The part of one forward that does not depend on the noise (see LGMRec.noise_free)."""
+
+    c: jax.Array  # (U + I, d) CGE output (the raw ID tables for "mf")
+    fused: jax.Array  # (U + I, d) C plus the normalised MGE terms
+    logits: dict  # hyperedge logits per key of HYPER_KEYS present; empty without GHE
+
+
 class Outputs(NamedTuple):
     user: jax.Array  # (U, d) final user embeddings
     item: jax.Array  # (I, d) final item embeddings
@@ -203,19 +211,22 @@ class LGMRec(nn.Module):
             y = ops.propagate(graph.norm_adj, y, self.n_users + self.n_items)
         return y
 
-    def assignments(self, graph: Graph, feats: dict, noise: Noise) -> dict:
-        """Item and user hyperedge assignment matrices per modality (SPEC §3.4 step 1)."""
+    def hyper_logits(self, graph: Graph, feats: dict) -> dict:
+        """Item and user hyperedge logits per modality, before the Gumbel noise (SPEC §3.4 step 1)."""
         out = {}
         for m in self.modalities:
             item_logits = self.big_ops.feature_matmul(feats[m], self.hyper[m], self.n_items)
-            user_logits = self.big_ops.propagate(graph.interactions, item_logits, self.n_users)  # sum of raw logits
-            out[f"{m}_item"] = gumbel_softmax(item_logits, noise.gumbel[f"{m}_item"], self.tau)
-            out[f"{m}_user"] = gumbel_softmax(user_logits, noise.gumbel[f"{m}_user"], self.tau)
-            if m == "t" and self.legacy_text_user_hyper:
-                # SPEC §3.8 Q1: the logged revision overwrote the visual user assignment with the
-                # text one and left the text user assignment as raw logits.
-                out["v_user"] = out["t_user"]
-                out["t_user"] = user_logits
+            out[f"{m}_item"] = item_logits
+            out[f"{m}_user"] = self.big_ops.propagate(graph.interactions, item_logits, self.n_users)  # sum of raw logits
+        return out
+
+    def assignments(self, logits: dict, noise: Noise) -> dict:
+        """Item and user hyperedge assignment matrices per modality: Gumbel-softmax of the logits."""
+        out = {k: gumbel_softmax(logits[k], noise.gumbel[k], self.tau) for k in HYPER_KEYS if k in logits}
+        if "t_user" in logits and self.legacy_text_user_hyper:
+            # SPEC §3.8 Q1: the logged revision overwrote the visual user assignment with the
+            # text one and left the text user assignment as raw logits.
+            out["v_user"], out["t_user"] = out["t_user"], logits["t_user"]
         return out
 
     def dropout(self, x: jax.Array, keep: Optional[jax.Array]) -> jax.Array:
@@ -223,26 +234,36 @@ class LGMRec(nn.Module):
             return x
         return jnp.where(keep, x / self.keep_rate, 0.0)
 
-    def __call__(self, graph: Graph, feats: dict, noise: Noise) -> Outputs:
-        """Full-graph forward; training mode iff ``noise.keep`` is given."""
-        n_users = self.n_users
+    def noise_free(self, graph: Graph, feats: dict) -> NoiseFree:
+        """Everything of the forward that no Gumbel draw or dropout mask touches: the CGE, the MGE
+        terms and the hyperedge logits. Evaluation computes it once and reruns only
+        :meth:`with_noise` for each block's fresh noise (SPEC §3.6), which gives the same numbers as
+        the reference's full forward per block."""
         c = self.cge(graph)
         fused = c if self.use_cge else jnp.zeros_like(c)
-        if not self.modalities:
-            return Outputs(fused[:n_users], fused[n_users:], {})
         if self.use_mge:
             for m in self.modalities:
                 fused = fused + l2_normalize(self.mge(graph, feats[m], m))
-        if not self.use_ghe:
+        logits = self.hyper_logits(graph, feats) if self.use_ghe else {}
+        return NoiseFree(c, fused, logits)
+
+    def with_noise(self, base: NoiseFree, noise: Noise) -> Outputs:
+        """The rest of the forward for one draw of noise: assignments, hypergraph, fusion."""
+        n_users, fused = self.n_users, base.fused
+        if not self.modalities or not self.use_ghe:
             return Outputs(fused[:n_users], fused[n_users:], {})
-        assign = self.assignments(graph, feats, noise)
+        assign = self.assignments(base.logits, noise)
         keep = noise.keep or {}
         hyper, ghe = {}, 0.0
         for m in self.modalities:
             item_h = self.dropout(assign[f"{m}_item"], keep.get(f"{m}_item"))
             user_h = self.dropout(assign[f"{m}_user"], keep.get(f"{m}_user"))
-            hyper[f"{m}_user"], hyper[f"{m}_item"] = hgnn(item_h, user_h, c[n_users:], self.n_hyper_layer,
+            hyper[f"{m}_user"], hyper[f"{m}_item"] = hgnn(item_h, user_h, base.c[n_users:], self.n_hyper_layer,
                                                           self.big_ops)
             ghe = ghe + jnp.concatenate([hyper[f"{m}_user"], hyper[f"{m}_item"]], axis=0)
         fused = fused + self.alpha * l2_normalize(ghe)
         return Outputs(fused[:n_users], fused[n_users:], hyper)
+
+    def __call__(self, graph: Graph, feats: dict, noise: Noise) -> Outputs:
+        """Full-graph forward; training mode iff ``noise.keep`` is given."""
+        return self.with_noise(self.noise_free(graph, feats), noise)

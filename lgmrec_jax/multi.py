@@ -328,7 +328,7 @@ class MultiProgram:
 
     def _device_eval(self, params, hyper, graph, feats, block_users, mask_rows, mask_cols, keys, active):
         def evaluate(p, h, key):
-            split = evaluation.make_split_evaluator(self._config_model(h), self.cfg.eval_noise)
+            split = evaluation.make_split_evaluator(self._config_model(h), self.cfg.eval_noise, self.cfg.eval_topk)
             return split(p, graph, feats, block_users, mask_rows, mask_cols, key)
 
         def one(args):

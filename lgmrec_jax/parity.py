@@ -28,6 +28,7 @@ PARAMS = ("user_emb", "item_emb", "v_proj", "v_hyper", "t_proj", "t_hyper")
 TOL_VALUE = 2e-6  # embeddings, losses, scores: relative to the largest magnitude
 TOL_GRAD = 2e-5  # gradients: relative to each gradient's largest entry
 TOL_ADAM = 5e-5  # parameters after one Adam step: absolute (5% of the learning rate)
+EXACT_TOPK = ("direct", "grouped")  # config eval_topk methods that must reproduce the recorded top-50
 
 
 class Row(NamedTuple):
@@ -124,9 +125,11 @@ def replay(g: dict, kernel: str = "segment_sum") -> list[Row]:
     value("eval/scores", scores, g["eval/scores"])
     for split, pairs in (("valid", ds.valid), ("test", ds.test)):
         users = g[f"metrics_{split}/users"]
-        top = evaluation.masked_top_k(scores[users], *evaluation.train_mask(ds, users), 50)
-        top = np.asarray(top)
-        rows.append(Row(f"metrics_{split}/top50", float(np.sum(top != g[f"metrics_{split}/top50"])), 0, "exact"))
+        mask = evaluation.train_mask(ds, users)
+        for method in EXACT_TOPK:  # every exact top-k method must give the recorded lists
+            top = np.asarray(evaluation.masked_top_k(scores[users], *mask, 50, method=method))
+            rows.append(Row(f"metrics_{split}/top50" + ("" if method == "direct" else f" ({method})"),
+                            float(np.sum(top != g[f"metrics_{split}/top50"])), 0, "exact"))
         got = evaluation.split_metrics(users, top, pairs, ds.n_users, ds.n_items)
         for key, want in sorted((k, v) for k, v in g.items() if k.startswith(f"metrics_{split}/") and "@" in k):
             rows.append(Row(key, abs(got[key.split("/")[1]] - float(want)), 0, "exact"))

@@ -41,6 +41,7 @@ import numpy as np
 from lgmrec_jax import __version__
 from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import configs, distributed, evaluation, parallel, sampler as sampler_lib, trainer
+from lgmrec_jax.configs import default as default_config
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
@@ -158,7 +159,10 @@ def identity_differences(old: dict, new: dict) -> list[str]:
     if old.get("dataset") != new["dataset"]:
         diffs.append(f"dataset: {old.get('dataset')!r} -> {new['dataset']!r}")
     old_cfg, new_cfg = old.get("config", {}), new["config"]
+    defaults = default_config.get_config().to_dict()
     for key in sorted(set(old_cfg) | set(new_cfg)):
+        if key not in old_cfg and key in defaults and new_cfg.get(key) == defaults[key]:
+            continue  # a key added since the run started, at its default: the behaviour the run had
         if key not in EXECUTION_KEYS and old_cfg.get(key) != new_cfg.get(key):
             diffs.append(f"config.{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
     for name in sorted(set(old.get("dataset_files", {})) | set(new["dataset_files"])):
@@ -313,7 +317,7 @@ class Experiment:
                       for name, pairs in (("valid", ds.valid), ("test", ds.test)) if len(pairs)}
         self.eval_arrays = {name: tuple(jnp.asarray(a) for a in (p.block_users, p.mask_rows, p.mask_cols))
                             for name, p in self.plans.items()}
-        self.evaluate_split = jax.jit(evaluation.make_split_evaluator(self.model, cfg.eval_noise))
+        self.evaluate_split = jax.jit(evaluation.make_split_evaluator(self.model, cfg.eval_noise, cfg.eval_topk))
 
     def init_state(self):
         return trainer.init_state(self.model, self.optimizer, self.graph, self.feats, self.cfg.seed)

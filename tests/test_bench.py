@@ -59,3 +59,11 @@ def test_scaled_preset_names_and_sizes():
     assert (preset.n_users, preset.n_items, preset.n_interactions) == (19694, 11516, 69669)
     with pytest.raises(ValueError):
         bench.dataset_names(bench.Settings(presets=("nope",)))
+
+
+def test_eval_topk_is_an_axis_of_the_comparison():
+    settings = bench.Settings(presets=("tiny",), kernels=("segment_sum", "bcoo"), eval_topks=("direct", "grouped"))
+    got = [(s["kernel"], s["eval_topk"]) for s in bench.specs(settings)]
+    assert got == [("segment_sum", "direct"), ("segment_sum", "grouped"), ("bcoo", "direct"), ("bcoo", "grouped")]
+    assert bench.kernels({"kernel": "bcoo", "eval_topk": "grouped"}) == "bcoo, grouped top-k"
+    assert bench.kernels({"kernel": "bcoo"}) == "bcoo"  # results recorded before the option existed

@@ -155,7 +155,8 @@ def test_tau_config_sets_the_gumbel_and_contrastive_temperature():
     noise = sample_noise(jax.random.PRNGKey(0), model.noise_shapes(), True, model.keep_rate)
     cfg.tau = 1.0
     warm = trainer.make_model(cfg, ds)
-    assign = warm.apply(params, g, feats, noise, method=LGMRec.assignments)
+    logits = warm.apply(params, g, feats, method=LGMRec.hyper_logits)
+    assign = warm.apply(params, logits, noise, method=LGMRec.assignments)
     item_logits = np.asarray(feats["v"]) @ np.asarray(params["params"]["v_hyper"])
     expected = jax.nn.softmax(item_logits + np.asarray(noise.gumbel["v_item"]), axis=1)  # softmax at tau = 1
     np.testing.assert_allclose(np.asarray(assign["v_item"]), np.asarray(expected), rtol=1e-5, atol=1e-7)

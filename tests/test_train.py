@@ -132,3 +132,18 @@ def test_tensorboard_events_follow_the_history(synthetic_dir, tmp_path):
     run_lib.train_and_evaluate(tiny_config(epochs=2, tensorboard=True), ds, str(tmp_path))
     events = [f for f in os.listdir(tmp_path / "tensorboard") if f.startswith("events.out.tfevents")]
     assert len(events) == 1 and os.path.getsize(tmp_path / "tensorboard" / events[0]) > 0
+
+
+def test_keys_added_since_a_run_started_do_not_block_its_resume(synthetic_dir, tmp_path):
+    """A workdir written before a config key existed resumes when the key holds its default (the
+    behaviour the run had), and is refused when it does not."""
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    run_lib.train_and_evaluate(tiny_config(epochs=1), ds, str(tmp_path))
+    path = tmp_path / "config.json"
+    stored = json.loads(path.read_text())
+    del stored["identity"]["config"]["eval_topk"]  # as written before config eval_topk existed
+    path.write_text(json.dumps(stored))
+    with pytest.raises(run_lib.RunError, match=r"config.eval_topk: None -> 'direct'"):
+        run_lib.train_and_evaluate(tiny_config(epochs=2, eval_topk="direct"), ds, str(tmp_path))
+    summary = run_lib.train_and_evaluate(tiny_config(epochs=2), ds, str(tmp_path))
+    assert summary["epochs_run"] == 2

@@ -14,6 +14,7 @@ EVAL_NOISE_MODES = ("per_block", "per_eval", "off")
 KERNELS = ("segment_sum", "bcoo")
 PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 FEATURE_DTYPES = ("float32", "bfloat16")
+EVAL_TOPK_METHODS = ("direct", "grouped", "approx")
 METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50))
 
 
@@ -36,6 +37,7 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
     checks = [
         (cfg.eval_noise in EVAL_NOISE_MODES, f"eval_noise is {cfg.eval_noise!r}, expected one of {EVAL_NOISE_MODES}"),
         (cfg.kernel in KERNELS, f"kernel is {cfg.kernel!r}, expected one of {KERNELS}"),
+        (cfg.eval_topk in EVAL_TOPK_METHODS, f"eval_topk is {cfg.eval_topk!r}, expected one of {EVAL_TOPK_METHODS}"),
         (cfg.cf_model in ("lightgcn", "mf"), f"cf_model is {cfg.cf_model!r}, expected 'lightgcn' or 'mf'"),
         (cfg.matmul_precision in PRECISIONS,
          f"matmul_precision is {cfg.matmul_precision!r}, expected one of {PRECISIONS}"),

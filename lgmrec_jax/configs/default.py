@@ -38,6 +38,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.use_mge = True
     c.use_ghe = True
     c.eval_noise = "per_block"  # "per_block" (faithful) | "per_eval" | "off"
+    c.eval_topk = "grouped"  # "grouped" | "direct" (both exact: the same lists) | "approx" (approximate on TPUs)
     # (ours) Execution.
     c.kernel = "segment_sum"  # sparse propagation: "segment_sum" | "bcoo"
     c.matmul_precision = "highest"  # "highest" (fp32, as PyTorch) | "high" | "default" (TF32/bf16 passes)

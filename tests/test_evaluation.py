@@ -1,0 +1,117 @@
+"""Evaluation kernels: the top-k methods and the noise-free/noisy split of the evaluation forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lgmrec_jax import configs, evaluation, run as run_lib
+from lgmrec_jax.data import from_arrays, load_dataset
+from lgmrec_jax.model import sample_noise
+
+
+def exact(scores, k):
+    return np.asarray(jax.lax.top_k(jnp.asarray(scores), k)[1])
+
+
+def test_grouped_top_k_by_hand():
+    # 9 items, k = 2: g = round(sqrt(9 / 2)) = 2, groups {0,1} {2,3} {4,5} {6,7} {8,pad}.
+    # Group maxima 5, 9, 1, 9, 0: the best two groups are {2,3} and {6,7}, whose items score 1, 9, 9, 8.
+    # Items 3 and 6 tie at 9 and keep index order, as top_k orders ties.
+    row = np.array([5, 0, 1, 9, 1, 0, 9, 8, 0], np.float32)
+    got = np.asarray(evaluation.grouped_top_k(jnp.asarray(row[None]), 2))
+    np.testing.assert_array_equal(got, [[3, 6]])
+    # Groups {4,5} (max 9) and {0,1} (max 5) win; items 0 and 5 tie at 5. top_k takes the lower index,
+    # so the candidates must be read in item order, not in the groups' rank order (that gives [4, 5]).
+    row = np.array([5, 0, 0, 0, 9, 5, 0, 0, 0], np.float32)
+    np.testing.assert_array_equal(np.asarray(evaluation.grouped_top_k(jnp.asarray(row[None]), 2)), [[4, 0]])
+    np.testing.assert_array_equal(exact(row[None], 2), [[4, 0]])
+
+
+@pytest.mark.parametrize("n_items", [60, 101, 997, 7050])
+@pytest.mark.parametrize("values", ["normal", "ties", "masked"])
+def test_grouped_top_k_equals_top_k(n_items, values):
+    rng = np.random.default_rng(n_items)
+    if values == "normal":
+        scores = rng.normal(size=(64, n_items)).astype(np.float32)
+    elif values == "ties":  # few distinct values: the tie order decides most of the list
+        scores = rng.integers(0, 5, size=(64, n_items)).astype(np.float32)
+    else:  # most items masked to -1e10 as training items: fewer than k real candidates in some rows
+        scores = rng.normal(size=(64, n_items)).astype(np.float32)
+        scores[rng.random(scores.shape) < 0.98] = evaluation.MASK_VALUE
+    k = min(50, n_items)
+    np.testing.assert_array_equal(np.asarray(jax.jit(evaluation.grouped_top_k, static_argnums=1)(scores, k)),
+                                  exact(scores, k))
+
+
+def test_approx_top_k_recalls_the_exact_list():
+    scores = np.random.default_rng(0).normal(size=(256, 3000)).astype(np.float32)
+    got = np.asarray(evaluation.top_k_indices(jnp.asarray(scores), 50, "approx"))
+    want = exact(scores, 50)
+    recall = np.mean([len(set(g) & set(w)) / 50 for g, w in zip(got, want)])
+    assert recall >= evaluation.APPROX_RECALL_TARGET
+    # Ranked by score, whatever the backend: the values fall along each list.
+    assert (np.diff(np.take_along_axis(scores, got, axis=1), axis=1) <= 0).all()
+
+
+def test_unknown_top_k_method_is_refused():
+    cfg = configs.for_dataset("synthetic_tiny")
+    cfg.eval_topk = "fast"
+    with pytest.raises(configs.ConfigError, match="eval_topk is 'fast', expected one of"):
+        configs.validate(cfg)
+    with pytest.raises(ValueError, match="eval_topk is 'fast'"):
+        evaluation.top_k_indices(jnp.zeros((1, 60)), 50, "fast")
+
+
+def tiny(**overrides):
+    cfg = configs.for_dataset("synthetic_tiny")
+    cfg.update(overrides)
+    return cfg
+
+
+def catalogue_dataset(n_users=120, n_items=700, seed=0):
+    """Random pairs over a 700-item catalogue: big enough that "grouped" groups (g = 4, 175 groups)."""
+    rng = np.random.default_rng(seed)
+    pairs = np.unique(np.stack([rng.integers(0, n_users, 3000), rng.integers(0, n_items, 3000)], 1), axis=0)
+    pairs = pairs[rng.permutation(len(pairs))]
+    n = len(pairs)
+    return from_arrays(pairs[: n * 8 // 10], pairs[n * 8 // 10: n * 9 // 10], pairs[n * 9 // 10:], n_users, n_items,
+                       v_feat=rng.normal(size=(n_items, 24)), t_feat=rng.normal(size=(n_items, 16)))
+
+
+@pytest.mark.parametrize("method", ["grouped", "approx"])
+def test_top_k_methods_give_the_direct_metrics(method):
+    """Exact on CPU for both (approx_max_k is exact off TPUs); per-block noise keys are unchanged."""
+    ds = catalogue_dataset()
+    direct = run_lib.Experiment(tiny(eval_batch_size=32, eval_topk="direct"), ds)
+    params = direct.init_state().params
+    other = run_lib.Experiment(tiny(eval_batch_size=32, eval_topk=method), ds)
+    block_users, rows, cols = direct.eval_arrays["test"]
+    key = jax.random.PRNGKey(5)
+    tops = [np.asarray(e.evaluate_split(params, e.graph, e.feats, block_users, rows, cols, key)) for e in (direct, other)]
+    np.testing.assert_array_equal(tops[1], tops[0])
+    assert other.evaluate(params, epoch=3) == direct.evaluate(params, epoch=3)
+
+
+def test_per_block_evaluation_equals_a_full_forward_per_block(synthetic_dir):
+    """The evaluator shares the noise-free part of the forward across blocks; each block must still
+    see what a whole forward with that block's own Gumbel draw gives (SPEC §3.6). The evaluator runs
+    the default top-k ("grouped"); the expected lists come from lax.top_k."""
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    exp = run_lib.Experiment(tiny(eval_batch_size=7), ds)
+    params = exp.init_state().params
+    key = jax.random.PRNGKey(11)
+    block_users, rows, cols = exp.eval_arrays["valid"]
+    tops = np.asarray(exp.evaluate_split(params, exp.graph, exp.feats, block_users, rows, cols, key))
+    assert block_users.shape[0] > 1
+    different = 0
+    for b, block_key in enumerate(jax.random.split(key, block_users.shape[0])):
+        noise = sample_noise(block_key, exp.model.noise_shapes(), train=False, keep_rate=exp.model.keep_rate)
+        out = exp.model.apply(params, exp.graph, exp.feats, noise)
+        want = np.asarray(evaluation.masked_top_k(out.user[block_users[b]] @ out.item.T, rows[b], cols[b]))
+        np.testing.assert_array_equal(tops[b], want)
+        other = exp.model.apply(params, exp.graph, exp.feats,
+                                sample_noise(jax.random.PRNGKey(99), exp.model.noise_shapes(), False, 0.5))
+        different += not np.array_equal(
+            want, np.asarray(evaluation.masked_top_k(other.user[block_users[b]] @ other.item.T, rows[b], cols[b])))
+    assert different > 0  # the noise changes the lists, so the equality above is not vacuous
