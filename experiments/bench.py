@@ -65,6 +65,8 @@ from typing import NamedTuple, Optional
 
 from absl import app, flags, logging
 
+from lgmrec_jax.configs import default as default_config  # no jax: the config module is plain Python
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_NAMES = ("tiny", "default", "baby", "sports", "clothing")
 # The authors' PyTorch code on this project's 2-core CPU machine (issue #5), baby scale, steady state.
@@ -91,7 +93,7 @@ class Settings:
     kernels: tuple = ("segment_sum",)
     precisions: tuple = ("highest",)
     feature_dtypes: tuple = ("float32",)
-    eval_topks: tuple = ("direct",)
+    eval_topks: tuple = (default_config.get_config().eval_topk,)
     patch_sets: tuple = ()  # tuples of PATCHES names; each is one more configuration
     baseline: bool = True  # the unpatched configuration too
     profile: bool = False
@@ -510,7 +512,7 @@ def _run_config(spec: dict) -> dict:
     result["load_s"] = round(time.perf_counter() - tick, 3)
     cfg.kernel, cfg.matmul_precision = spec["kernel"], spec["precision"]
     cfg.feature_dtype = result["feature_dtype"] = spec.get("feature_dtype", "float32")
-    cfg.eval_topk = result["eval_topk"] = spec.get("eval_topk", "direct")
+    cfg.eval_topk = result["eval_topk"] = spec["eval_topk"]
     configs.validate(cfg)  # a bad --kernel, --matmul_precision, --feature_dtype or --eval_topk fails here
     result.update(n_users=ds.n_users, n_items=ds.n_items, n_train=int(len(ds.train)),
                   n_valid=int(len(ds.valid)), n_test=int(len(ds.test)),
@@ -843,7 +845,7 @@ def run_isolated(spec: dict) -> dict:
         if proc.returncode != 0:
             return {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
                     "feature_dtype": spec.get("feature_dtype", "float32"),
-                    "eval_topk": spec.get("eval_topk", "direct"), "patches": list(spec.get("patches", ())),
+                    "eval_topk": spec["eval_topk"], "patches": list(spec.get("patches", ())),
                     "error": f"worker exited with {proc.returncode}"}
         with open(result_path) as handle:
             return json.load(handle)
@@ -874,7 +876,7 @@ def compile_cache_runs(spec: dict, isolate: bool) -> dict:
     cache_dir = tempfile.mkdtemp(prefix="lgmrec-jax-cache-")
     base = dict(spec, epochs_to_time=1, eval_repeats=1, profile=False, full_run=False, compile_cache_dir=cache_dir)
     out = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
-           "feature_dtype": spec.get("feature_dtype", "float32"), "eval_topk": spec.get("eval_topk", "direct")}
+           "feature_dtype": spec.get("feature_dtype", "float32"), "eval_topk": spec["eval_topk"]}
     try:
         for phase in ("cold", "warm"):
             res = run_isolated(base) if isolate else run_config(base)
@@ -1127,8 +1129,8 @@ def define_flags() -> None:
     flags.DEFINE_list("matmul_precision", ["highest"], "Matmul precisions to compare: highest, high, default.")
     flags.DEFINE_list("feature_dtype", ["float32"], "Feature storage types to compare: float32, bfloat16 "
                       "(config feature_dtype).")
-    flags.DEFINE_list("eval_topk", ["direct"], "Evaluation top-k methods to compare: direct, grouped, approx "
-                      "(config eval_topk).")
+    flags.DEFINE_list("eval_topk", [default_config.get_config().eval_topk], "Evaluation top-k methods to "
+                      "compare: grouped, direct, approx (config eval_topk).")
     flags.DEFINE_multi_string("patch", [], "A comma-separated set of experimental monkeypatches (names in "
                               "experiments.bench.PATCHES), measured as one more configuration next to the "
                               "unpatched one; repeat the flag for several sets.")

@@ -22,7 +22,8 @@
 #            clothing scale, seeds $SEEDS (default 0,1), full early-stopped runs; results.md (or, when
 #            the cap cuts it short, the tables of the configs that finished) -> numerics.md
 # One call holds at most 10 minutes and a session 15 minutes of device time: split the stages over
-# two calls, e.g. STAGES="env parity bench topk full" then STAGES="grid scale numerics".
+# two calls, e.g. STAGES="env parity bench topk full" then STAGES="grid scale numerics". The bench and
+# later stages run the config defaults (eval_topk "grouped"); the topk stage times "direct" beside it.
 # ml-collections is not in the machine's image: carry its wheel in .whl (device README).
 set -u
 OUT=${OUT:-/tmp/device_check}
