@@ -819,12 +819,12 @@ def profile_eval(exp, params) -> dict:
         for i in range(3):  # the first call compiles (or warms up)
             tick = time.perf_counter()
             for j, name in enumerate(exp.plans):
-                tops[name] = sync(fn(params, exp.graph, exp.feats, *exp.eval_arrays[name], jax.random.fold_in(key, j)))
+                tops[name] = sync(fn(params, exp.graph, exp.feats, *exp.eval_arrays[name], jax.random.fold_in(key, j)).hits)
             runs.append(time.perf_counter() - tick)
         out[label] = round(median(runs[1:]), 4)
     tick = time.perf_counter()
     for name, plan in exp.plans.items():
-        evaluation.metrics_from_tops(plan, tops[name], exp.ds.n_users, exp.ds.n_items)
+        evaluation.metrics_from_hits(plan, tops[name])
     out["host_metrics_s"] = round(time.perf_counter() - tick, 4)
     return out
 

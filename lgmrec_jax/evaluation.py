@@ -2,8 +2,10 @@
 
 Users of a split are taken in order of first appearance and cut into blocks of
 ``eval_batch_size``. For every block the device scores the block's users against all items, sets the
-users' training items to -1e10 and keeps the top 50 indices; metrics are then computed on the host
-from those lists. Memory is bounded by one (block x items) score matrix.
+users' training items to -1e10, keeps the top 50 indices and marks which of them are the user's
+items in the split (a table of those items per block row). Only these (users x 50) booleans go to
+the host, which computes the metrics from them in float64 (at clothing's size: 3 ms per split instead
+of 41-115 ms for the lookups on the host). Memory is bounded by one (block x items) score matrix.
 
 Noise modes (``eval_noise``):
   "per_block"  faithful: fresh Gumbel noise for every block, as the reference recomputes
@@ -17,7 +19,8 @@ Top-k methods (``eval_topk``):
   "grouped"    exact, in two smaller selections (see grouped_top_k): the same indices as "direct".
                Default: at clothing's 23,033 items it measured 13% faster per valid+test evaluation
                on CPU (4.6 vs 5.3 s), at baby's 7,050 items 4% slower (1.28 vs 1.23 s)
-               (experiments/results/bench_cpu_topk.md); backends whose top-k sorts whole rows gain more.
+               (experiments/results/bench_cpu_topk.md). On GPUs and TPUs it is unmeasured so far
+               (experiments/device_check.sh, stage topk, times both).
   "direct"     jax.lax.top_k over all items.
   "approx"     jax.lax.approx_max_k at recall target 0.95: TPUs run an approximate top-k (a
                deviation: some true top-50 items may be missed); CPUs and GPUs run an exact top-k.
@@ -48,18 +51,35 @@ class SplitPlan(NamedTuple):
     block_users: np.ndarray  # (n_blocks, B) int32, padded with user 0
     mask_rows: np.ndarray  # (n_blocks, P) int32: row in block of a training pair
     mask_cols: np.ndarray  # (n_blocks, P) int32: its item; padding uses n_items (dropped)
+    split_items: np.ndarray  # (n_blocks, B, M) int32: each row's items in the split, padded with SPLIT_PAD
+    n_pos: np.ndarray  # (n,) rows of each evaluated user in the split (duplicates count)
     pairs: np.ndarray  # the split's (user, item) rows
 
+    def device_arrays(self) -> tuple:
+        """What the split evaluator takes after (params, graph, feats), before the key."""
+        return tuple(jnp.asarray(a) for a in (self.block_users, self.mask_rows, self.mask_cols, self.split_items))
 
-def training_items_csr(train: np.ndarray, n_users: int):
-    order = np.argsort(train[:, 0], kind="stable")
+
+class SplitTops(NamedTuple):
+    """One split's evaluation on the device, per block: (n_blocks, B, 50) each."""
+
+    items: jax.Array  # top-50 item indices (-1 pads a catalogue under 50 items)
+    hits: jax.Array  # bool: the item is one of the row's split items (metrics.relevance)
+
+
+SPLIT_PAD = -2  # never an item index, nor top-k's -1 padding
+
+
+def items_csr(pairs: np.ndarray, n_users: int):
+    """(indptr, items): the items of user u's pairs are items[indptr[u]:indptr[u + 1]], in row order."""
+    order = np.argsort(pairs[:, 0], kind="stable")
     indptr = np.zeros(n_users + 1, dtype=np.int64)
-    np.cumsum(np.bincount(train[:, 0], minlength=n_users), out=indptr[1:])
-    return indptr, train[order, 1]
+    np.cumsum(np.bincount(pairs[:, 0], minlength=n_users), out=indptr[1:])
+    return indptr, pairs[order, 1]
 
 
 def block_mask(users: np.ndarray, indptr: np.ndarray, items: np.ndarray):
-    """(row, item) of every training pair of ``users`` (row = position in ``users``)."""
+    """(row, item) of every pair of ``users`` in a CSR (row = position in ``users``)."""
     counts = indptr[users + 1] - indptr[users]
     rows = np.repeat(np.arange(len(users)), counts)
     starts = np.repeat(indptr[users] - np.cumsum(counts) + counts, counts)
@@ -74,14 +94,27 @@ def plan_split(train: np.ndarray, split_pairs: np.ndarray, n_users: int, n_items
     padded = np.zeros(n_blocks * block_size, dtype=np.int32)
     padded[: len(users)] = users
     block_users = padded.reshape(n_blocks, block_size)
-    indptr, items = training_items_csr(train, n_users)
+    indptr, items = items_csr(train, n_users)
     masks = [block_mask(users[b * block_size:(b + 1) * block_size], indptr, items) for b in range(n_blocks)]
     width = max(1, max(len(r) for r, _ in masks))
     mask_rows = np.zeros((n_blocks, width), dtype=np.int32)
     mask_cols = np.full((n_blocks, width), n_items, dtype=np.int32)
     for b, (r, c) in enumerate(masks):
         mask_rows[b, : len(r)], mask_cols[b, : len(c)] = r, c
-    return SplitPlan(users, block_users, mask_rows, mask_cols, split_pairs)
+    split_items, n_pos = split_item_table(users, split_pairs, n_users, n_blocks * block_size)
+    return SplitPlan(users, block_users, mask_rows, mask_cols, split_items.reshape(n_blocks, block_size, -1),
+                     n_pos, split_pairs)
+
+
+def split_item_table(users: np.ndarray, split_pairs: np.ndarray, n_users: int, n_rows: int):
+    """(n_rows, M) table of each user's split items (rows past len(users) and short lists padded with
+    SPLIT_PAD; M = the most items any user has in the split), and n_pos per user."""
+    indptr, items = items_csr(split_pairs, n_users)
+    counts = indptr[users + 1] - indptr[users]
+    table = np.full((n_rows, max(1, int(counts.max(initial=0)))), SPLIT_PAD, np.int32)
+    rows, cols = block_mask(users, indptr, items)
+    table[rows, np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)] = cols
+    return table, counts
 
 
 def grouped_top_k(scores: jax.Array, k: int) -> jax.Array:
@@ -131,7 +164,7 @@ def masked_top_k(scores: jax.Array, mask_rows: jax.Array, mask_cols: jax.Array, 
 
 def train_mask(ds, users: np.ndarray):
     """Mask arrays for scoring ``users`` (all in one block), for small replays such as parity."""
-    indptr, items = training_items_csr(ds.train, ds.n_users)
+    indptr, items = items_csr(ds.train, ds.n_users)
     rows, cols = block_mask(np.asarray(users), indptr, items)
     return jnp.asarray(rows, jnp.int32), jnp.asarray(cols, jnp.int32)
 
@@ -141,7 +174,10 @@ def split_metrics(users, top_items, split_pairs, n_users, n_items) -> dict:
 
 
 def make_split_evaluator(model, eval_noise: str = "per_block", eval_topk: str = "grouped"):
-    """A jittable fn(params, graph, feats, block_users, mask_rows, mask_cols, key) -> (n_blocks, B, 50)."""
+    """A jittable fn(params, graph, feats, *plan.device_arrays(), key) -> SplitTops.
+
+    The hits are marked on the device, so the host only turns a boolean (users x 50) matrix into
+    metrics (metrics.metrics_from_relevance)."""
     if eval_noise not in EVAL_NOISE_MODES:
         raise ValueError(f"eval_noise is {eval_noise!r}, expected one of {EVAL_NOISE_MODES}")
     if eval_topk not in EVAL_TOPK_METHODS:
@@ -153,7 +189,7 @@ def make_split_evaluator(model, eval_noise: str = "per_block", eval_topk: str = 
         noise = sample_noise(key, shapes, train=False, keep_rate=model.keep_rate, gumbel=gumbel)
         return model.apply(params, base, noise, method=type(model).with_noise)
 
-    def evaluate_split(params, graph, feats, block_users, mask_rows, mask_cols, key):
+    def evaluate_split(params, graph, feats, block_users, mask_rows, mask_cols, split_items, key):
         keys = jax.random.split(key, block_users.shape[0])
         # Only the hypergraph branch sees the noise, so the rest of the forward (CGE, MGE, hyperedge
         # logits: nearly all of its work) is computed once and shared by the blocks.
@@ -161,17 +197,19 @@ def make_split_evaluator(model, eval_noise: str = "per_block", eval_topk: str = 
         shared = None if eval_noise == "per_block" else with_fresh_noise(params, base, key)
 
         def one_block(_, xs):
-            users, rows, cols, block_key = xs
+            users, rows, cols, wanted, block_key = xs
             out = with_fresh_noise(params, base, block_key) if shared is None else shared
             scores = out.user[users] @ out.item.T
-            return None, masked_top_k(scores, rows, cols, method=eval_topk)
+            top = masked_top_k(scores, rows, cols, method=eval_topk)
+            return None, SplitTops(top, (top[:, :, None] == wanted[:, None, :]).any(axis=2))
 
-        _, tops = jax.lax.scan(one_block, None, (block_users, mask_rows, mask_cols, keys))
+        _, tops = jax.lax.scan(one_block, None, (block_users, mask_rows, mask_cols, split_items, keys))
         return tops
 
     return evaluate_split
 
 
-def metrics_from_tops(plan: SplitPlan, tops, n_users: int, n_items: int) -> dict:
-    flat = np.asarray(tops).reshape(-1, np.asarray(tops).shape[-1])[: len(plan.users)]
-    return split_metrics(plan.users, flat, plan.pairs, n_users, n_items)
+def metrics_from_hits(plan: SplitPlan, hits) -> dict:
+    """The split's metrics from SplitTops.hits (only these booleans leave the device)."""
+    hits = np.asarray(hits)
+    return metrics_lib.metrics_from_relevance(hits.reshape(-1, hits.shape[-1])[: len(plan.users)], plan.n_pos)

@@ -30,7 +30,11 @@ def per_user_counts(users: np.ndarray, split_pairs: np.ndarray, n_users: int) ->
 
 
 def metrics_from_relevance(rel: np.ndarray, n_pos: np.ndarray, topk=TOPK) -> dict:
-    rel = rel.astype(np.float64)
+    n_users = len(rel)
+    # A user without a hit in its list scores 0 on every metric: only the others are computed, and
+    # the sums are divided by all users (most users have no hit, so this is most of the work saved).
+    with_hit = np.flatnonzero(np.asarray(rel).any(axis=1))
+    rel, n_pos = np.asarray(rel)[with_hit].astype(np.float64), np.asarray(n_pos)[with_hit]
     depth = rel.shape[1]
     ranks = np.arange(1, depth + 1, dtype=np.float64)
     hits = np.cumsum(rel, axis=1)
@@ -50,7 +54,7 @@ def metrics_from_relevance(rel: np.ndarray, n_pos: np.ndarray, topk=TOPK) -> dic
             "map": sum_prec[:, k - 1] / denom_k,
         }
         for name in METRICS:
-            out[f"{name}@{k}"] = round(float(values[name].mean()), 4)
+            out[f"{name}@{k}"] = round(float(values[name].sum()) / n_users, 4) if n_users else float("nan")
     return out
 
 

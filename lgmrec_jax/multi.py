@@ -253,7 +253,7 @@ class MultiProgram:
         else:  # graph and features copied to every device once, not broadcast on every call
             self._init = jax.pmap(init, devices=self.devices)
             self._epoch = jax.pmap(epoch, donate_argnums=(0,), devices=self.devices)
-            self._eval = jax.pmap(evaluate, in_axes=(0, 0, 0, 0, None, None, None, 0, 0), devices=self.devices)
+            self._eval = jax.pmap(evaluate, in_axes=(0, 0, 0, 0, None, None, None, None, 0, 0), devices=self.devices)
             self._graph, self._feats = self._replicate(self.graph), self._replicate(self.feats)
         self._stream_keys = jax.jit(jax.vmap(trainer.stream_key, in_axes=(0, None, None)), static_argnums=(1,))
 
@@ -326,10 +326,12 @@ class MultiProgram:
         states, parts = jax.lax.scan(body, states, (per_step, jnp.arange(n_batches)))
         return states, jnp.swapaxes(parts, 0, 1), _finite_per_config(states.params)
 
-    def _device_eval(self, params, hyper, graph, feats, block_users, mask_rows, mask_cols, keys, active):
+    def _device_eval(self, params, hyper, graph, feats, block_users, mask_rows, mask_cols, split_items, keys,
+                     active):
+        """Per config: the split's SplitTops.hits (the top-50 lists themselves stay on the device)."""
         def evaluate(p, h, key):
             split = evaluation.make_split_evaluator(self._config_model(h), self.cfg.eval_noise, self.cfg.eval_topk)
-            return split(p, graph, feats, block_users, mask_rows, mask_cols, key)
+            return split(p, graph, feats, block_users, mask_rows, mask_cols, split_items, key).hits
 
         def one(args):
             p, h, key, act = args
@@ -366,11 +368,11 @@ class MultiProgram:
         results = [dict() if act else None for act in active]
         for i, (name, plan) in enumerate(self.plans.items()):
             split_keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i))
-            tops = self.get(self._eval(states.params, self.put(hyper),
+            hits = self.get(self._eval(states.params, self.put(hyper),
                                        self._graph, self._feats, *self.eval_arrays[name], self.put(split_keys),
                                        self.put(active)))
             for k in np.flatnonzero(active):
-                results[k][name] = evaluation.metrics_from_tops(plan, tops[k], self.ds.n_users, self.ds.n_items)
+                results[k][name] = evaluation.metrics_from_hits(plan, hits[k])
         return results
 
 

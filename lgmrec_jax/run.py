@@ -3,8 +3,8 @@
 Data flow of an epoch e (see WORKSPACE.md):
   host:   sampler.epoch(e) -> padded batches (one transfer per epoch)
   device: run_epoch (lax.scan of train steps, state donated) -> new state, per-batch loss parts
-  device: evaluate_split(valid), evaluate_split(test) -> top-50 lists per block
-  host:   metrics, early stopping, checkpoint, one line of metrics.jsonl and of the log
+  device: evaluate_split(valid), evaluate_split(test) -> top-50 lists and their hits per block
+  host:   metrics from the hits, early stopping, checkpoint, one line of metrics.jsonl and of the log
 
 Workdir files: config.json, metrics.jsonl, summary.json, checkpoints/, .lock (and
 checkpoints.unreadable/ when a checkpoint could not be restored).
@@ -35,7 +35,6 @@ import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lgmrec_jax import __version__
@@ -315,8 +314,7 @@ class Experiment:
         self.runner = parallel.make_runner(self.model, self.optimizer, cfg)
         self.plans = {name: evaluation.plan_split(ds.train, pairs, ds.n_users, ds.n_items, cfg.eval_batch_size)
                       for name, pairs in (("valid", ds.valid), ("test", ds.test)) if len(pairs)}
-        self.eval_arrays = {name: tuple(jnp.asarray(a) for a in (p.block_users, p.mask_rows, p.mask_cols))
-                            for name, p in self.plans.items()}
+        self.eval_arrays = {name: p.device_arrays() for name, p in self.plans.items()}
         self.evaluate_split = jax.jit(evaluation.make_split_evaluator(self.model, cfg.eval_noise, cfg.eval_topk))
 
     def init_state(self):
@@ -344,7 +342,7 @@ class Experiment:
         for i, (name, plan) in enumerate(self.plans.items()):
             tops = self.evaluate_split(params, self.graph, self.feats, *self.eval_arrays[name],
                                        jax.random.fold_in(key, i))
-            results[name] = evaluation.metrics_from_tops(plan, tops, self.ds.n_users, self.ds.n_items)
+            results[name] = evaluation.metrics_from_hits(plan, tops.hits)
             _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
         return results
 

@@ -1,11 +1,13 @@
 """Evaluation kernels: the top-k methods and the noise-free/noisy split of the evaluation forward."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lgmrec_jax import configs, evaluation, run as run_lib
+from lgmrec_jax import configs, evaluation, metrics, run as run_lib
 from lgmrec_jax.data import from_arrays, load_dataset
 from lgmrec_jax.model import sample_noise
 
@@ -86,10 +88,10 @@ def test_top_k_methods_give_the_direct_metrics(method):
     direct = run_lib.Experiment(tiny(eval_batch_size=32, eval_topk="direct"), ds)
     params = direct.init_state().params
     other = run_lib.Experiment(tiny(eval_batch_size=32, eval_topk=method), ds)
-    block_users, rows, cols = direct.eval_arrays["test"]
     key = jax.random.PRNGKey(5)
-    tops = [np.asarray(e.evaluate_split(params, e.graph, e.feats, block_users, rows, cols, key)) for e in (direct, other)]
-    np.testing.assert_array_equal(tops[1], tops[0])
+    tops = [e.evaluate_split(params, e.graph, e.feats, *direct.eval_arrays["test"], key) for e in (direct, other)]
+    np.testing.assert_array_equal(np.asarray(tops[1].items), np.asarray(tops[0].items))
+    np.testing.assert_array_equal(np.asarray(tops[1].hits), np.asarray(tops[0].hits))
     assert other.evaluate(params, epoch=3) == direct.evaluate(params, epoch=3)
 
 
@@ -101,8 +103,8 @@ def test_per_block_evaluation_equals_a_full_forward_per_block(synthetic_dir):
     exp = run_lib.Experiment(tiny(eval_batch_size=7), ds)
     params = exp.init_state().params
     key = jax.random.PRNGKey(11)
-    block_users, rows, cols = exp.eval_arrays["valid"]
-    tops = np.asarray(exp.evaluate_split(params, exp.graph, exp.feats, block_users, rows, cols, key))
+    block_users, rows, cols, _ = exp.eval_arrays["valid"]
+    tops = np.asarray(exp.evaluate_split(params, exp.graph, exp.feats, *exp.eval_arrays["valid"], key).items)
     assert block_users.shape[0] > 1
     different = 0
     for b, block_key in enumerate(jax.random.split(key, block_users.shape[0])):
@@ -115,3 +117,24 @@ def test_per_block_evaluation_equals_a_full_forward_per_block(synthetic_dir):
         different += not np.array_equal(
             want, np.asarray(evaluation.masked_top_k(other.user[block_users[b]] @ other.item.T, rows[b], cols[b])))
     assert different > 0  # the noise changes the lists, so the equality above is not vacuous
+
+
+def test_device_hits_equal_the_host_relevance_and_give_its_metrics(synthetic_dir):
+    """The evaluator marks hits on the device; they must be metrics.relevance of its lists, and the
+    metrics from them those of the host path (split_metrics), including -1 pads (synthetic_tiny has
+    45 items) and a duplicated split row (counted twice in n_u, as in the reference)."""
+    big = catalogue_dataset()
+    big = dataclasses.replace(big, valid=np.concatenate([big.valid, big.valid[:1]]))
+    for ds in (load_dataset(synthetic_dir, "synthetic_tiny"), big):
+        exp = run_lib.Experiment(tiny(eval_batch_size=16), ds)
+        params = exp.init_state().params
+        for i, (name, plan) in enumerate(exp.plans.items()):
+            out = exp.evaluate_split(params, exp.graph, exp.feats, *exp.eval_arrays[name], jax.random.PRNGKey(i))
+            items = np.asarray(out.items).reshape(-1, 50)[: len(plan.users)]
+            hits = np.asarray(out.hits).reshape(-1, 50)[: len(plan.users)]
+            want = metrics.relevance(plan.users, items, plan.pairs, ds.n_items)
+            assert want.any()
+            np.testing.assert_array_equal(hits, want)
+            assert evaluation.metrics_from_hits(plan, out.hits) == evaluation.split_metrics(
+                plan.users, items, plan.pairs, ds.n_users, ds.n_items)
+    assert plan.n_pos.max() >= 1 and exp.plans["valid"].n_pos.sum() == len(big.valid)
