@@ -16,12 +16,13 @@ steps again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging
 import os
 import re
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import jax
 import numpy as np
@@ -146,6 +147,52 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+class BackgroundSaver:
+    """One checkpoint save at a time on a host thread, so that it overlaps the next epoch's training.
+
+    What must follow a save (its epoch's metrics lines, a finished config's summary) is held until
+    the save has committed and then run in the caller's thread by :meth:`finish`, which the loop
+    calls before it does anything else after the next epoch: the files appear in the order a
+    synchronous save gives them, so a kill at any moment leaves one of the states it could leave,
+    and a failed save raises there, one epoch later. On a GPU a save (fingerprint and write: 91 ms
+    for one config at clothing's size on the project's CPU) would otherwise sit between epochs of
+    about 0.1 s.
+    """
+
+    def __init__(self):
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint")
+        self._pending = None  # (future of the save, what follows it)
+
+    def submit(self, save: Callable[[], None], then: Callable[[], None]) -> None:
+        """Runs ``save()`` on the thread (it must write host copies: see host_copy) after the previous
+        one has finished, and ``then()`` once it has committed."""
+        self.finish()
+        self._pending = (self._pool.submit(save), then)
+
+    def after_saves(self, fn: Callable[[], None]) -> None:
+        """``fn()`` once every save submitted so far, and what follows them, is done."""
+        self.finish()
+        fn()
+
+    def finish(self) -> None:
+        """Waits for the save in flight, raising its error, then runs what follows it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending[0].result()
+            pending[1]()
+
+    def close(self) -> None:
+        """Lets a save in flight commit or fail; what would follow it is dropped (as after a kill:
+        the next run rewrites the metrics from the checkpoint)."""
+        self._pool.shutdown(wait=True)
+
+
+def host_copy(tree: Any) -> Any:
+    """Host copies of every leaf, for a save that runs while the device buffers are donated to the
+    next epoch (a NumPy view of a donated CPU buffer would change under the writer)."""
+    return jax.tree_util.tree_map(lambda x: np.array(x, copy=True), tree)
 
 
 def _os_reason(err: BaseException) -> str:

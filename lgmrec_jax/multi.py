@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -465,6 +466,7 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
     checkpoints = ckpt_lib.Checkpoints(os.path.join(group_dir, "checkpoints"), cfg0.keep_checkpoints,
                                        keep_best=False)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="group-sampler")
+    saves = ckpt_lib.BackgroundSaver()  # epoch e's checkpoint is written while epoch e + 1 trains
     try:
         restored = _restore(prog, checkpoints, members)
         if restored is None:
@@ -518,6 +520,7 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
                                                            for c in slots]) for f in sampler_lib.EpochBatches._fields))
             train_keys = prog.epoch_keys(seeds, trainer.TRAIN_STREAM, epoch)
             states, parts, finite = prog.run_epoch(states, hyper, batches, train_keys, active)
+            saves.finish()  # the previous epoch's checkpoint, then its metrics lines and summaries
             train_s = time.time() - tick
             rows, finished = {}, []
             for k, cid in enumerate(slots):
@@ -576,15 +579,16 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
                 slots = _padded([slots[k] for k in keep[:n_live]], n_devices)
                 logging.info("group %s: repacked to %d slots (%d active)", os.path.basename(group_dir),
                              len(slots), n_live)
+            for cid in finished:
+                summaries[cid] = _summary(by_id[cid].cfg, ds, stoppers[cid], progress[cid])
+            files = functools.partial(_write_epoch_files, workdirs, rows, {c: summaries[c] for c in finished})
             if finished or epoch % cfg0.checkpoint_every == 0 or not n_live:
                 meta = {"epoch": epoch, "slots": slots,
                         "configs": {cid: dataclasses.asdict(p) for cid, p in progress.items()}}
-                checkpoints.save(epoch, prog.get(states), meta, None)
-            for cid, row in rows.items():
-                workdirs[cid].append_metrics(row)
-            for cid in finished:
-                summaries[cid] = _summary(by_id[cid].cfg, ds, stoppers[cid], progress[cid])
-                run_lib.write_json_atomic(workdirs[cid].file("summary.json"), summaries[cid])
+                saves.submit(functools.partial(checkpoints.save, epoch, ckpt_lib.host_copy(prog.get(states)), meta,
+                                               None), files)
+            else:
+                saves.after_saves(files)
             if on_epoch is not None:
                 on_epoch({"epoch": epoch - 1, "slots": len(slots), "active": int(active.sum()),
                           "train_s": train_s, "eval_s": eval_s, "wall_s": wall})
@@ -596,6 +600,7 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
                          len(finished))
             if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs:
                 break
+        saves.finish()
         for cid in progress:
             if summaries.get(cid) is None:
                 if progress[cid].status is None and epoch >= by_id[cid].cfg.epochs:
@@ -607,7 +612,16 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
         return summaries
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+        saves.close()
         checkpoints.close()
+
+
+def _write_epoch_files(workdirs: dict, rows: dict, summaries: dict) -> None:
+    """An epoch's metrics lines and its finished configs' summaries (after its checkpoint)."""
+    for cid, row in rows.items():
+        workdirs[cid].append_metrics(row)
+    for cid, summary in summaries.items():
+        run_lib.write_json_atomic(workdirs[cid].file("summary.json"), summary)
 
 
 def _restore(prog: MultiProgram, checkpoints: ckpt_lib.Checkpoints, members):

@@ -4,7 +4,8 @@ Data flow of an epoch e (see WORKSPACE.md):
   host:   sampler.epoch(e) -> padded batches (one transfer per epoch)
   device: run_epoch (lax.scan of train steps, state donated) -> new state, per-batch loss parts
   device: evaluate_split(valid), evaluate_split(test) -> top-50 lists and their hits per block
-  host:   metrics from the hits, early stopping, checkpoint, one line of metrics.jsonl and of the log
+  host:   metrics from the hits, early stopping, one line of the log
+  thread: checkpoint of epoch e (while epoch e + 1 trains), then its line of metrics.jsonl
 
 Workdir files: config.json, metrics.jsonl, summary.json, checkpoints/, .lock (and
 checkpoints.unreadable/ when a checkpoint could not be restored).
@@ -478,6 +479,35 @@ def _save(checkpoints: ckpt_lib.Checkpoints, epoch: int, state, meta: dict, vali
     _kill_at("saved", epoch)
 
 
+class Saver:
+    """The run's checkpoints through a ckpt_lib.BackgroundSaver: epoch e's checkpoint is written on a
+    host thread while epoch e + 1 trains, and epoch e's metrics.jsonl line follows its commit. Process 0
+    alone saves; every method is collective (a failed save is raised on every process)."""
+
+    def __init__(self, wd: Workdir, checkpoints, board):
+        self.wd, self.checkpoints, self.board = wd, checkpoints, board
+        self.background = ckpt_lib.BackgroundSaver() if distributed.is_primary() else None
+
+    def submit(self, epoch: int, state, meta: dict, valid_value, row: dict) -> None:
+        """Starts epoch ``epoch``'s save and holds its row until the save has committed."""
+        def start():
+            copy = ckpt_lib.host_copy(state)  # the device state is donated to the next epoch
+            self.background.submit(lambda: _save(self.checkpoints, epoch, copy, meta, valid_value),
+                                   lambda: _record(self.wd, self.board, row))
+        _on_primary(start)
+
+    def record(self, row: dict) -> None:
+        """The row of an epoch without a checkpoint, after every earlier row."""
+        _on_primary(lambda: self.background.after_saves(lambda: _record(self.wd, self.board, row)))
+
+    def finish(self) -> None:
+        _on_primary(lambda: self.background.finish())
+
+    def close(self) -> None:
+        if self.background is not None:
+            self.background.close()
+
+
 def _record(wd: Workdir, board, row: dict) -> None:
     wd.append_metrics(row)
     if board is not None:
@@ -494,10 +524,12 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
         state = exp.init_state()
         checkpoints, restored, progress, board, done = (
             _on_primary(lambda: _open_workdir(cfg, ds, wd, identity, state)) or (None, None, Progress(), None, None))
+        saver = Saver(wd, checkpoints, board)
         try:
-            return _run_epochs(cfg, ds, wd, exp, state, restored, progress, done, checkpoints, board, started,
+            return _run_epochs(cfg, ds, wd, exp, state, restored, progress, done, saver, started,
                                stop_after_epochs)
         finally:
+            saver.close()
             if checkpoints is not None:
                 checkpoints.close()
             exp.batches.close()
@@ -505,8 +537,8 @@ def _train(cfg, ds, wd: Workdir, identity: dict, stop_after_epochs) -> dict:
                 board.close()
 
 
-def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress: Progress, done, checkpoints,
-                board, started: float, stop_after_epochs) -> dict:
+def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress: Progress, done,
+                saver: Saver, started: float, stop_after_epochs) -> dict:
     """The epochs of _train, from its opened workdir (process 0's; None elsewhere) to the summary."""
     primary = distributed.is_primary()
     # What process 0 found, in one broadcast: a finished run's summary, or where to continue.
@@ -532,11 +564,12 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
         if fault("kill", "train", epoch) is not None:  # fault injection: SIGKILL halfway through
             show = lambda done, total, epoch=epoch: done * 2 >= total and _kill_at("train", epoch)
         state, parts = exp.train_epoch(state, epoch, show)
+        saver.finish()  # the previous epoch's checkpoint, written while this epoch trained, and its row
         loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
         host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
         parts, host_state = _inject_nan(parts, host_state, epoch)  # no-op unless LGMREC_FAULT asks
         check_finite(parts, host_state, epoch, summary_path, progress,
-                     checkpoints.steps() if primary else None)
+                     saver.checkpoints.steps() if primary else None)
         train_s = time.time() - tick
         row = {"epoch": epoch, "loss": loss, "train_s": round(train_s, 4)}
         stop = False
@@ -555,13 +588,15 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
             progress.stopper = stopper.state_dict()
             meta = dataclasses.asdict(progress)
             meta["wall_s"] = progress.wall_s + time.time() - started  # earlier sessions + this one
-            valid_value = row.get("valid", {}).get(cfg.valid_metric)
-            _on_primary(lambda: _save(checkpoints, epoch, host_state, meta, valid_value))
-        _on_primary(lambda: _record(wd, board, row))
+            saver.submit(epoch, host_state, meta, row.get("valid", {}).get(cfg.valid_metric), row)
+        else:
+            saver.record(row)
         epochs_this_call += 1
         if stop_after_epochs is not None and epochs_this_call >= stop_after_epochs and not stop \
                 and progress.epoch < cfg.epochs:
+            saver.finish()
             return {"status": "interrupted", "epoch": progress.epoch}
+    saver.finish()
     summary = {
         "status": "early_stopped" if stopper.should_stop else "max_epochs",
         "dataset": ds.name,

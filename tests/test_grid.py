@@ -349,3 +349,42 @@ def test_traced_values_reach_their_own_config():
         stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * 2), single_params)
         grid_metrics = prog.evaluate(trainer.TrainState(prog.put(stacked), None), multi.hyper_of(cfgs), [0, 1], 0)
         assert grid_metrics[k] == exp.evaluate(exp.runner.put(single_params), 0)
+
+
+def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_path, monkeypatch):
+    """As for single runs: the group's save of epoch e runs while epoch e + 1 trains, and the configs'
+    metrics lines of epoch e are written only after that checkpoint has committed."""
+    import collections
+    import threading
+
+    from lgmrec_jax import checkpoint as ckpt_lib, multi
+
+    training = collections.defaultdict(threading.Event)
+    overlapped, lines_at_save = [], []
+    real_epoch, real_save = multi.MultiProgram.run_epoch, ckpt_lib.Checkpoints.save
+    workdir = tmp_path / "grid"
+
+    started = []
+
+    def run_epoch(self, states, hyper, batches, keys, active):
+        training[len(started)].set()  # epoch e of a fresh group is its e-th call
+        started.append(True)
+        return real_epoch(self, states, hyper, batches, keys, active)
+
+    def save(self, step, state, meta, valid_value):
+        lines = [len(read_jsonl(p)) for p in workdir.glob("configs/*/metrics.jsonl")]
+        lines_at_save.append((step, sorted(set(lines))))
+        if step < 3:  # step e + 1 is epoch e's checkpoint; the last epoch has no next one
+            overlapped.append(training[step].wait(timeout=30))
+        real_save(self, step, state, meta, valid_value)
+
+    monkeypatch.setattr(multi.MultiProgram, "run_epoch", run_epoch)
+    monkeypatch.setattr(ckpt_lib.Checkpoints, "save", save)
+    result = grid_lib.run_grid(grid_file(tmp_path, ALPHA_SEEDS), "plain", plain_dir, str(workdir),
+                               dict(PLAIN, epochs=3), shard=(0, 2))
+    assert overlapped == [True, True]
+    # When epoch e's checkpoint is written, the lines of epochs before e exist and e's does not yet.
+    assert lines_at_save == [(1, [0]), (2, [1]), (3, [2])]
+    assert {s["status"] for s in result["summaries"].values()} == {"max_epochs"}
+    for cid in result["configs"]:
+        assert len(read_jsonl(workdir / "configs" / cid / "metrics.jsonl")) == 3

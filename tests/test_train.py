@@ -147,3 +147,36 @@ def test_keys_added_since_a_run_started_do_not_block_its_resume(synthetic_dir, t
         run_lib.train_and_evaluate(tiny_config(epochs=2, eval_topk="direct"), ds, str(tmp_path))
     summary = run_lib.train_and_evaluate(tiny_config(epochs=2), ds, str(tmp_path))
     assert summary["epochs_run"] == 2
+
+
+def test_a_checkpoint_is_written_while_the_next_epoch_trains(synthetic_dir, tmp_path, monkeypatch):
+    """Epoch e's save is still running when epoch e + 1's training starts (it waits for that), and
+    epoch e's metrics line is written only once its checkpoint is committed."""
+    import collections
+    import threading
+
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    training = collections.defaultdict(threading.Event)
+    overlapped, recorded = [], []
+    real_train, real_save, real_record = run_lib.Experiment.train_epoch, run_lib._save, run_lib._record
+
+    def train_epoch(self, state, epoch, on_chunk=None):
+        training[epoch].set()
+        return real_train(self, state, epoch, on_chunk)
+
+    def save(checkpoints, epoch, state, meta, valid_value):
+        if epoch < 2:  # a synchronous save would wait here in vain: the next epoch starts after it
+            overlapped.append(training[epoch + 1].wait(timeout=30))
+        real_save(checkpoints, epoch, state, meta, valid_value)
+
+    def record(wd, board, row):
+        recorded.append((row["epoch"], sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())))
+        real_record(wd, board, row)
+
+    monkeypatch.setattr(run_lib.Experiment, "train_epoch", train_epoch)
+    monkeypatch.setattr(run_lib, "_save", save)
+    monkeypatch.setattr(run_lib, "_record", record)
+    summary = run_lib.train_and_evaluate(tiny_config(epochs=3), ds, str(tmp_path))
+    assert overlapped == [True, True]
+    assert [(epoch, epoch + 1 in steps) for epoch, steps in recorded] == [(0, True), (1, True), (2, True)]
+    assert summary["epochs_run"] == 3 and len(read_jsonl(tmp_path / "metrics.jsonl")) == 3
