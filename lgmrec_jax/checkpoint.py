@@ -5,8 +5,9 @@ JSON block with everything else needed to continue: the epoch, the early-stoppin
 wall time so far, and the sampler/RNG state. The sampler and every key are pure functions of
 ``(seed, epoch)`` (see trainer.stream_key), so that pair is the whole RNG state.
 
-Saves are synchronous and atomic (orbax writes a temporary directory and renames it), so a kill
-during a save leaves the previous checkpoints intact; the temporary directory is removed when the
+Each save is atomic (orbax writes a temporary directory and renames it), so a kill during a save
+leaves the previous checkpoints intact; the training loops run saves on a thread that overlaps the
+next epoch (:class:`BackgroundSaver`), one at a time, in order; the temporary directory is removed when the
 directory is next opened. The JSON block also records a SHA-256 of the saved arrays, checked on
 restore: a truncated, deleted or bit-flipped file makes a checkpoint unreadable, never silently
 different. :meth:`Checkpoints.restore_latest` walks back from the newest step until one restores and
@@ -21,6 +22,7 @@ import hashlib
 import logging
 import os
 import re
+import sys
 import time
 from typing import Any, Callable, Optional
 
@@ -66,6 +68,7 @@ class Checkpoints:
     """
 
     def __init__(self, directory: str, keep: int, keep_best: bool = True):
+        quiet_failed_write_echoes()
         self.directory = os.path.abspath(directory)
         kept = [pp.LatestN(n=keep)] + ([pp.BestN(get_metric_fn=_best_score, n=1)] if keep_best else [])
         me = jax.process_index()
@@ -147,6 +150,39 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def quiet_failed_write_echoes() -> None:
+    """Drops the echoes of a failed checkpoint write; the run reports the failure once, in one line.
+
+    When one file of a save cannot be written (a full disk, a file size limit), orbax's other writes
+    of that checkpoint fail too and say so from their own threads, at random moments around the
+    run's error line: TensorStore callbacks into orbax's already closed event loop raise "Event
+    loop is closed" (reported through sys.unraisablehook), and asyncio logs "Task exception was
+    never retrieved" with each write's traceback, some before the save itself has raised. Installed
+    once per process by the first Checkpoints; only those two kinds of report are dropped.
+    """
+    global _ECHOES_QUIET
+    if _ECHOES_QUIET:
+        return
+    _ECHOES_QUIET = True
+    previous = sys.unraisablehook
+
+    def unraisable(info):
+        if isinstance(info.exc_value, RuntimeError) and "Event loop is closed" in str(info.exc_value):
+            return
+        previous(info)
+
+    sys.unraisablehook = unraisable
+    logging.getLogger("asyncio").addFilter(_not_a_write_failure)
+
+
+_ECHOES_QUIET = False
+
+
+def _not_a_write_failure(record: logging.LogRecord) -> bool:
+    error = record.exc_info[1] if record.exc_info else None
+    return not (error is not None and "Error writing" in str(error))
 
 
 class BackgroundSaver:

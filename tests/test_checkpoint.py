@@ -49,3 +49,52 @@ def test_host_copy_is_independent_of_the_source():
     source["b"][0][:] = 0.0
     np.testing.assert_array_equal(copy["a"], [0.0, 1.0, 2.0, 3.0])
     np.testing.assert_array_equal(copy["b"][0], np.ones((2, 2)))
+
+
+def test_echoes_of_a_failed_write_are_dropped_and_other_reports_kept(monkeypatch):
+    import logging
+    import sys
+    import types
+
+    reported = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda info: reported.append(str(info.exc_value)))
+    monkeypatch.setattr(ckpt_lib, "_ECHOES_QUIET", False)  # install over the recorder above
+    ckpt_lib.quiet_failed_write_echoes()
+    unraisable = lambda err: types.SimpleNamespace(exc_type=type(err), exc_value=err, exc_traceback=None,
+                                                   err_msg=None, object=None)
+    sys.unraisablehook(unraisable(RuntimeError("Event loop is closed")))
+    sys.unraisablehook(unraisable(RuntimeError("something else")))
+    assert reported == ["something else"]
+
+    def record(message):
+        try:
+            raise ValueError(message)
+        except ValueError:
+            return logging.getLogger("asyncio").makeRecord("asyncio", logging.ERROR, __file__, 1,
+                                                          "Task exception was never retrieved", (), sys.exc_info())
+    asyncio_logger = logging.getLogger("asyncio")
+    assert not asyncio_logger.filter(record('OUT_OF_RANGE: Error writing "opt_state.0.count/0" in OCDBT database'))
+    assert asyncio_logger.filter(record("an unrelated failure"))
+
+
+@pytest.mark.parametrize("limit", [5000, 9000])
+def test_a_real_failing_write_ends_the_run_in_one_line(synthetic_dir, tmp_path, limit):
+    """RLIMIT_FSIZE makes orbax's writes fail with EFBIG; the run says so in its last stderr line,
+    with no traceback (orbax's other writes echo the failure from their threads)."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    def limit_writes():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    proc = subprocess.run([sys.executable, "-m", "lgmrec_jax.train", "--dataset=synthetic_tiny",
+                           f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / 'run'}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, preexec_fn=limit_writes)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("error: ") and "File too large" in last, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
