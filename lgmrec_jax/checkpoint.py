@@ -6,9 +6,9 @@ wall time so far, and the sampler/RNG state. The sampler and every key are pure 
 ``(seed, epoch)`` (see trainer.stream_key), so that pair is the whole RNG state.
 
 Each save is atomic (orbax writes a temporary directory and renames it), so a kill during a save
-leaves the previous checkpoints intact; the training loops run saves on a thread that overlaps the
-next epoch (:class:`BackgroundSaver`), one at a time, in order; the temporary directory is removed when the
-directory is next opened. The JSON block also records a SHA-256 of the saved arrays, checked on
+leaves the previous checkpoints intact; the temporary directory is removed when the directory is
+next opened. The training loops run the saves on a thread, one at a time and in order, while the
+next epoch trains (:class:`BackgroundSaver`). The JSON block also records a SHA-256 of the saved arrays, checked on
 restore: a truncated, deleted or bit-flipped file makes a checkpoint unreadable, never silently
 different. :meth:`Checkpoints.restore_latest` walks back from the newest step until one restores and
 moves the unreadable newer ones aside (to ``<directory>.unreadable/``), so the run can save those
