@@ -811,7 +811,7 @@ def profile_eval(exp, params) -> dict:
     from lgmrec_jax import evaluation, trainer
 
     key = trainer.stream_key(exp.cfg.seed, trainer.EVAL_STREAM, 0)
-    one_forward = jax.jit(evaluation.make_split_evaluator(exp.model, "per_eval"))
+    one_forward = jax.jit(evaluation.make_split_evaluator(exp.model, "per_eval", exp.cfg.eval_topk))
     out = {"blocks": sum(int(p.block_users.shape[0]) for p in exp.plans.values())}
     tops = {}
     for label, fn in (("device_per_block_s", exp.evaluate_split), ("device_one_forward_per_split_s", one_forward)):

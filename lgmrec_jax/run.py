@@ -41,13 +41,15 @@ import numpy as np
 from lgmrec_jax import __version__
 from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import configs, distributed, evaluation, parallel, sampler as sampler_lib, trainer
-from lgmrec_jax.configs import default as default_config
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
 
 # Keys whose change does not alter the numbers of a run (execution only): allowed on resume.
 EXECUTION_KEYS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "epochs")
+# Config keys added after runs were made, with the values that do what those runs did before the key
+# existed: a workdir without the key resumes under them (and is refused under any other value).
+BEHAVIOUR_BEFORE_KEY = {"tau": (0.2,), "feature_dtype": ("float32",), "eval_topk": ("direct", "grouped")}
 
 
 FINISHED = ("early_stopped", "max_epochs")  # summary.json statuses of a run that ended normally
@@ -159,10 +161,9 @@ def identity_differences(old: dict, new: dict) -> list[str]:
     if old.get("dataset") != new["dataset"]:
         diffs.append(f"dataset: {old.get('dataset')!r} -> {new['dataset']!r}")
     old_cfg, new_cfg = old.get("config", {}), new["config"]
-    defaults = default_config.get_config().to_dict()
     for key in sorted(set(old_cfg) | set(new_cfg)):
-        if key not in old_cfg and key in defaults and new_cfg.get(key) == defaults[key]:
-            continue  # a key added since the run started, at its default: the behaviour the run had
+        if key not in old_cfg and new_cfg.get(key) in BEHAVIOUR_BEFORE_KEY.get(key, ()):
+            continue  # a key added since the run started, set to what the run did before it existed
         if key not in EXECUTION_KEYS and old_cfg.get(key) != new_cfg.get(key):
             diffs.append(f"config.{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
     for name in sorted(set(old.get("dataset_files", {})) | set(new["dataset_files"])):

@@ -138,3 +138,22 @@ def test_device_hits_equal_the_host_relevance_and_give_its_metrics(synthetic_dir
             assert evaluation.metrics_from_hits(plan, out.hits) == evaluation.split_metrics(
                 plan.users, items, plan.pairs, ds.n_users, ds.n_items)
     assert plan.n_pos.max() >= 1 and exp.plans["valid"].n_pos.sum() == len(big.valid)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("values", ["nan", "negative_nan", "signed_zeros"])
+def test_grouped_top_k_ranks_nans_and_signed_zeros_as_top_k(values, dtype):
+    """lax.top_k ranks by IEEE total order (-NaN < -inf < ... < -0 < +0 < ... < +NaN); a plain max
+    over each group does not, which once made grouped_top_k differ (and return padding indices)."""
+    rng = np.random.default_rng(3)
+    scores = rng.normal(size=(8, 1001)).astype(np.float32)
+    if values == "nan":
+        scores[rng.random(scores.shape) < 0.3] = np.nan
+    elif values == "negative_nan":  # inf - inf on CPU: the sign bit is set
+        scores[rng.random(scores.shape) < 0.9] = -np.abs(np.float32(np.nan))
+    else:
+        scores = np.where(rng.random(scores.shape) < 0.5, 0.0, -0.0).astype(np.float32)
+    x = jnp.asarray(scores, dtype)
+    got = np.asarray(jax.jit(evaluation.grouped_top_k, static_argnums=1)(x, 50))
+    np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(x, 50)[1]))
+    assert got.max() < 1001

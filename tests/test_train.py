@@ -135,18 +135,25 @@ def test_tensorboard_events_follow_the_history(synthetic_dir, tmp_path):
 
 
 def test_keys_added_since_a_run_started_do_not_block_its_resume(synthetic_dir, tmp_path):
-    """A workdir written before a config key existed resumes when the key holds its default (the
-    behaviour the run had), and is refused when it does not."""
+    """A workdir written before a config key existed resumes when the key holds a value that does
+    what the run did before (run.BEHAVIOUR_BEFORE_KEY), and is refused under any other value."""
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
-    run_lib.train_and_evaluate(tiny_config(epochs=1), ds, str(tmp_path))
-    path = tmp_path / "config.json"
-    stored = json.loads(path.read_text())
-    del stored["identity"]["config"]["eval_topk"]  # as written before config eval_topk existed
-    path.write_text(json.dumps(stored))
-    with pytest.raises(run_lib.RunError, match=r"config.eval_topk: None -> 'direct'"):
-        run_lib.train_and_evaluate(tiny_config(epochs=2, eval_topk="direct"), ds, str(tmp_path))
-    summary = run_lib.train_and_evaluate(tiny_config(epochs=2), ds, str(tmp_path))
-    assert summary["epochs_run"] == 2
+
+    def run_from_before_the_key(workdir):
+        run_lib.train_and_evaluate(tiny_config(epochs=1), ds, str(workdir))
+        path = workdir / "config.json"
+        stored = json.loads(path.read_text())
+        del stored["identity"]["config"]["eval_topk"]  # as written before config eval_topk existed
+        path.write_text(json.dumps(stored))
+
+    run_from_before_the_key(tmp_path / "a")
+    with pytest.raises(run_lib.RunError, match=r"config.eval_topk: None -> 'approx'"):
+        run_lib.train_and_evaluate(tiny_config(epochs=2, eval_topk="approx"), ds, str(tmp_path / "a"))
+    summary = run_lib.train_and_evaluate(tiny_config(epochs=2, eval_topk="direct"), ds, str(tmp_path / "a"))
+    assert summary["epochs_run"] == 2  # "direct": what the run did before the key existed
+    run_from_before_the_key(tmp_path / "b")
+    summary = run_lib.train_and_evaluate(tiny_config(epochs=2), ds, str(tmp_path / "b"))
+    assert summary["epochs_run"] == 2  # the default "grouped" gives the same lists
 
 
 def test_a_checkpoint_is_written_while_the_next_epoch_trains(synthetic_dir, tmp_path, monkeypatch):
