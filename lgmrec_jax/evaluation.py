@@ -122,18 +122,19 @@ def _int_like(dtype):
     return {2: jnp.int16, 4: jnp.int32}[jnp.dtype(dtype).itemsize]
 
 
+def _flip_negatives(bits: jax.Array) -> jax.Array:
+    """Reverses the order of the negative integers' magnitudes; its own inverse."""
+    return jnp.where(bits < 0, bits ^ jnp.array(jnp.iinfo(bits.dtype).max, bits.dtype), bits)
+
+
 def total_order_key(x: jax.Array) -> jax.Array:
     """Integers that order as ``lax.top_k`` orders the floats ``x`` (IEEE total order: -NaN < -inf <
-    ... < -0 < +0 < ... < +inf < +NaN), equal exactly where the bits are equal. The map is its own
-    inverse (see from_total_order_key)."""
-    int_type = _int_like(x.dtype)
-    bits = jax.lax.bitcast_convert_type(x, int_type)
-    return jnp.where(bits < 0, bits ^ jnp.array(jnp.iinfo(int_type).max, int_type), bits)
+    ... < -0 < +0 < ... < +inf < +NaN), equal exactly where the bits are equal."""
+    return _flip_negatives(jax.lax.bitcast_convert_type(x, _int_like(x.dtype)))
 
 
 def from_total_order_key(key: jax.Array, dtype) -> jax.Array:
-    bits = jnp.where(key < 0, key ^ jnp.array(jnp.iinfo(key.dtype).max, key.dtype), key)
-    return jax.lax.bitcast_convert_type(bits, dtype)
+    return jax.lax.bitcast_convert_type(_flip_negatives(key), dtype)
 
 
 def grouped_top_k(scores: jax.Array, k: int) -> jax.Array:
