@@ -30,11 +30,11 @@ def per_user_counts(users: np.ndarray, split_pairs: np.ndarray, n_users: int) ->
 
 
 def metrics_from_relevance(rel: np.ndarray, n_pos: np.ndarray, topk=TOPK) -> dict:
-    n_users = len(rel)
+    rel, n_users = np.asarray(rel), len(rel)
     # A user without a hit in its list scores 0 on every metric: only the others are computed, and
     # the sums are divided by all users (most users have no hit, so this is most of the work saved).
-    with_hit = np.flatnonzero(np.asarray(rel).any(axis=1))
-    rel, n_pos = np.asarray(rel)[with_hit].astype(np.float64), np.asarray(n_pos)[with_hit]
+    with_hit = np.flatnonzero(rel.any(axis=1))
+    rel, n_pos = rel[with_hit].astype(np.float64), np.asarray(n_pos)[with_hit]
     depth = rel.shape[1]
     ranks = np.arange(1, depth + 1, dtype=np.float64)
     hits = np.cumsum(rel, axis=1)

@@ -585,7 +585,7 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
             if finished or epoch % cfg0.checkpoint_every == 0 or not n_live:
                 meta = {"epoch": epoch, "slots": slots,
                         "configs": {cid: dataclasses.asdict(p) for cid, p in progress.items()}}
-                saves.submit(functools.partial(checkpoints.save, epoch, ckpt_lib.host_copy(prog.get(states)), meta,
+                saves.submit(functools.partial(checkpoints.save, epoch, prog.get(ckpt_lib.host_copy(states)), meta,
                                                None), files)
             else:
                 saves.after_saves(files)
