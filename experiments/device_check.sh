@@ -1,95 +1,150 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues #4 and #5 as one command for a lent accelerator machine (see
-# WORKSPACE.md, "Benchmark on a lent GPU"). Stages run in the order given, each under its own time cap,
-# and write at most 8 files to $OUT (the device tool returns 8 at most):
+# WORKSPACE.md, "Benchmark on a lent GPU"). Stages run in the order given, each under its own time cap
+# and, with DEADLINE=<seconds>, inside one overall budget (a stage that would start with under 30 s
+# left is skipped and logged). At most 8 files come back from $OUT (the device tool's limit):
 #   env.txt  parity.txt  bench_gpu.json/.md  bench_grid_gpu.json/.md  numerics.md  log.txt
 #
-#   STAGES="env parity bench grid" bash experiments/device_check.sh       # on the lent machine
-#   LGMREC_SMOKE=1 OUT=/tmp/dc bash experiments/device_check.sh            # here: tiny presets, CPU
+#   DEADLINE=560 bash experiments/device_check.sh                        # on the lent machine
+#   LGMREC_SMOKE=1 LGMREC_SHARED=../shared OUT=/tmp/dc bash experiments/device_check.sh   # here: tiny, CPU
 #
-# Stages:
-#   env      nvidia-smi, python, jax devices
-#   parity   both goldens at "highest" (needs the goldens in $LGMREC_SHARED, default ./.shared: copy
-#            ../shared/golden there, git-ignored, and carry it; nothing of it is committed)
-#   bench    clothing: segment_sum and bcoo x highest and default precision, 5 timed epochs and
-#            evaluations, the persistent compilation cache cold vs warm
-#   topk     clothing: evaluation top-k "direct" vs "grouped" (both exact) at default precision, appended
-#            to bench_gpu (decides the default of config eval_topk on GPUs)
-#   full     clothing, segment_sum, default config: one early-stopped run end to end
-#   grid     configs per hour for K = 1, 4, 16 same-shape clothing configs (map, vmap_columns)
-#   scale    clothing x 0.25 .. 4: epoch time and device memory against size
-#   numerics the precision study: experiments/grids/numerics.py (matmul precision x feature dtype) at
-#            clothing scale, seeds $SEEDS (default 0,1), full early-stopped runs; results.md (or, when
-#            the cap cuts it short, the tables of the configs that finished) -> numerics.md
-# One call holds at most 10 minutes and a session 15 minutes of device time: split the stages over
-# two calls, e.g. STAGES="env parity bench topk full" then STAGES="grid scale numerics". The bench and
-# later stages run the config defaults (eval_topk "grouped"); the topk stage times "direct" beside it.
-# ml-collections is not in the machine's image: carry its wheel in .whl (device README).
+# Stages (default order = priority order):
+#   env       nvidia-smi, python, jax devices, the versions of flax, optax, orbax, ml_collections
+#   preflight a tiny training run through the CLI (data, training, evaluation, orbax checkpoints). If it
+#             fails with the image's packages, the wheels in .whl/fallback (the versions CI tests: flax,
+#             optax, orbax-checkpoint) are put first on PYTHONPATH and it is tried once more.
+#   parity    both goldens at "highest" (needs the goldens in $LGMREC_SHARED, default ./.shared: copy
+#             ../shared/golden there, git-ignored, and carry it; nothing of it is committed)
+#   bench     clothing, segment_sum, highest and default precision: 5 timed epochs and evaluations, and
+#             the persistent compilation cache cold vs warm
+#   full      clothing, the default config: one early-stopped run end to end (and 2 timed epochs)
+#   numerics  the precision study: experiments/grids/numerics.py at clothing scale, seeds $SEEDS
+#             (default 0,1), full early-stopped runs, shard $NUMERICS_SHARD of the grid (default 0/1,
+#             all; 0/2 is the float32 half, 1/2 the bfloat16 half); results.md (or, when the cap cuts
+#             it short, the tables of the configs that finished) -> numerics.md
+#   variants  appended to bench_gpu: the bcoo kernel, the "direct" top-k (beside the default
+#             "grouped"), bf16 features at default precision
+#   scale     clothing x $SCALES (default 0.5,2; x1 is bench's): epoch time and device memory vs size
+#   grid      configs per hour for K = 1, 4, 16 same-shape clothing configs (map, vmap_columns)
+# The synthetic datasets are generated in the background from the start, while env, preflight and
+# parity use the GPU. ml-collections is not in the machine's image: carry its wheel in .whl (device
+# README); rerunning a stage on a warm machine reuses /tmp/lgmrec_data and resumes the numerics grid.
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env parity bench topk full grid scale numerics"}
+STAGES=${STAGES:-"env preflight parity bench full variants numerics scale grid"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
+DEADLINE=${DEADLINE:-0}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -d .whl ]; then
+if ls .whl/*.whl >/dev/null 2>&1; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 DATA=${DATA_DIR:-/tmp/lgmrec_data}
 if [ "${LGMREC_SMOKE:-0}" = 1 ]; then  # the same commands on the smallest presets, to test this script
-  PRESET=tiny; SCALES=0.002,0.004; SIZES=1,2; EPOCHS=1; CAP=300; SEEDS=0,1
+  PRESET=tiny; SCALES=${SCALES:-0.002,0.004}; SIZES=1,2; EPOCHS=1; CAP=300; SEEDS=${SEEDS:-0,1}
 else
-  PRESET=clothing; SCALES=0.25,0.5,1,2,4; SIZES=1,4,16; EPOCHS=5; CAP=420; SEEDS=${SEEDS:-0,1}
+  PRESET=clothing; SCALES=${SCALES:-0.5,2}; SIZES=1,4,16; EPOCHS=5; CAP=420; SEEDS=${SEEDS:-0,1}
 fi
+NUMERICS_SHARD=${NUMERICS_SHARD:-0/1}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/log.txt"; }
-stage() {  # stage NAME SECONDS COMMAND...: runs it under a cap, its output appended to log.txt
+left() { if [ "$DEADLINE" -gt 0 ]; then echo $((DEADLINE - SECONDS)); else echo 100000; fi; }
+stage() {  # stage NAME SECONDS COMMAND...: runs it under min(cap, time left), output appended to log.txt
   local name=$1 cap=$2; shift 2
-  log "stage $name: $*"
+  local rest; rest=$(left)
+  if [ "$rest" -lt 30 ]; then log "stage $name: skipped, ${rest} s left of DEADLINE=$DEADLINE"; return 1; fi
+  [ "$rest" -lt "$cap" ] && cap=$rest
+  log "stage $name (cap $cap s): $*"
   local start=$SECONDS
   timeout "$cap" "$@" >>"$OUT/log.txt" 2>&1
-  log "stage $name: exit $? after $((SECONDS - start)) s"
+  local rc=$?
+  log "stage $name: exit $rc after $((SECONDS - start)) s"
+  return $rc
 }
+BENCH="$PY -m experiments.bench --data_dir=$DATA --out=$OUT --tag=gpu"  # word-split on purpose: no spaces
+
+# Datasets, generated on the CPUs while the first stages use the GPU.
+scaled_names=$(IFS=,; for s in $SCALES; do printf 'synthetic_clothing_x%s ' "$($PY -c "print(f'{float($s):g}')")"; done)
+[ "$PRESET" = tiny ] && scaled_names=$(IFS=,; for s in $SCALES; do printf 'synthetic_clothing_x%s ' "$s"; done)
+$PY - "$DATA" "synthetic_$PRESET" $scaled_names >>"$OUT/log.txt" 2>&1 <<'PYEOF' &
+import sys, time
+from experiments.bench import load
+for name in sys.argv[2:]:
+    tick = time.perf_counter()
+    load(name, sys.argv[1])
+    print(f"generated/loaded {name} in {time.perf_counter() - tick:.1f} s", flush=True)
+PYEOF
+GEN=$!
+datasets_ready() { wait "$GEN" 2>/dev/null; }
 
 for s in $STAGES; do
   case $s in
     env)
-      { nvidia-smi 2>&1 | head -15; $PY -c "import jax, sys; print(sys.version); print(jax.__version__, jax.devices())"; } \
-        >"$OUT/env.txt" 2>&1 ;;
+      { nvidia-smi 2>&1 | head -15; $PY -c "
+import sys, jax, flax, optax, orbax.checkpoint as ocp, ml_collections
+print(sys.version); print('jax', jax.__version__, jax.devices())
+print('flax', flax.__version__, 'optax', optax.__version__, 'orbax', ocp.__version__)"; } >"$OUT/env.txt" 2>&1 ;;
+    preflight)
+      tiny="$PY -m lgmrec_jax.train --dataset=synthetic_tiny --data_dir=$DATA --workdir=/tmp/lgmrec_preflight --restart"
+      if ! stage preflight 120 $tiny && [ -d .whl/fallback ]; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_fallback \
+          .whl/fallback/*.whl && export PYTHONPATH="/tmp/site_fallback:$PYTHONPATH"
+        log "preflight: retrying with .whl/fallback first on PYTHONPATH"
+        stage preflight-fallback 120 $tiny
+        $PY -c "import flax, optax, orbax.checkpoint as o; print('now: flax', flax.__version__, 'optax', \
+optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
+      fi ;;
     parity)
       for g in lgmrec_fixed lgmrec_legacy; do
         if [ -f "$SHARED/golden/$g.npz" ]; then
-          stage parity-$g 300 sh -c "$PY -m lgmrec_jax.parity --golden $SHARED/golden/$g.npz >>$OUT/parity.txt 2>&1"
+          stage parity-$g 150 sh -c "$PY -m lgmrec_jax.parity --golden $SHARED/golden/$g.npz >>$OUT/parity.txt 2>&1"
         else
           log "parity: $SHARED/golden/$g.npz absent (copy ../shared/golden to $SHARED and carry it)"
         fi
       done ;;
     bench)
-      stage bench "$CAP" $PY -m experiments.bench --presets=$PRESET --kernel=segment_sum,bcoo \
-        --matmul_precision=highest,default --epochs_to_time=$EPOCHS --eval_repeats=$EPOCHS --compile_cache \
-        --data_dir="$DATA" --out="$OUT" --tag=gpu ;;
-    topk)
-      stage topk "$CAP" $PY -m experiments.bench --presets=$PRESET --matmul_precision=default \
-        --eval_topk=direct,grouped --epochs_to_time=1 --eval_repeats=$EPOCHS --data_dir="$DATA" --out="$OUT" \
-        --tag=gpu --append ;;
+      datasets_ready
+      stage bench "$CAP" $BENCH --presets=$PRESET --kernel=segment_sum --matmul_precision=highest,default \
+        --epochs_to_time=$EPOCHS --eval_repeats=$EPOCHS --compile_cache --append ;;
     full)
-      stage full "$CAP" $PY -m experiments.bench --presets=$PRESET --full_run --epochs_to_time=2 --eval_repeats=2 \
-        --data_dir="$DATA" --out="$OUT" --tag=gpu --append ;;
+      datasets_ready
+      stage full "$CAP" $BENCH --presets=$PRESET --full_run --epochs_to_time=1 --eval_repeats=1 --append ;;
+    numerics)
+      datasets_ready
+      rest=$(left)
+      stage numerics $(( rest > 60 ? (rest - 20 < CAP ? rest - 20 : CAP) : 30 )) $PY -m experiments.grid \
+        --grid=numerics --dataset=synthetic_$PRESET --data_dir="$DATA" --seeds=$SEEDS --grid_shard=$NUMERICS_SHARD \
+        --workdir=/tmp/lgmrec_numerics
+      # Cut off by its cap, the grid has written no tables: make them from the configs that finished
+      # (rerunning the stage resumes the rest).
+      tables=/tmp/lgmrec_numerics
+      [ "$NUMERICS_SHARD" != 0/1 ] && tables=/tmp/lgmrec_numerics/shards/${NUMERICS_SHARD/\//-of-}
+      if [ ! -f $tables/results.md ]; then
+        tables=/tmp/lgmrec_numerics
+        $PY -m experiments.grid_merge --workdir=$tables --allow_partial >>"$OUT/log.txt" 2>&1
+      fi
+      cp $tables/results.md "$OUT/numerics.md" 2>/dev/null || log "numerics: no results yet"
+      cp $tables/results.csv "$OUT/numerics.csv" 2>/dev/null ;;
+    variants)
+      datasets_ready
+      stage variant-bcoo 150 $BENCH --presets=$PRESET --kernel=bcoo --matmul_precision=highest \
+        --epochs_to_time=3 --eval_repeats=1 --append
+      stage variant-direct-topk 150 $BENCH --presets=$PRESET --eval_topk=direct --matmul_precision=highest \
+        --epochs_to_time=1 --eval_repeats=$EPOCHS --append
+      stage variant-bf16 150 $BENCH --presets=$PRESET --feature_dtype=bfloat16 --matmul_precision=default \
+        --epochs_to_time=3 --eval_repeats=3 --append ;;
+    scale)
+      datasets_ready
+      stage scale "$CAP" $BENCH --scales=$SCALES --epochs_to_time=2 --eval_repeats=2 --append ;;
     grid)
       stage grid "$CAP" $PY -m experiments.bench_grid --dataset=synthetic_$PRESET --sizes=$SIZES \
         --batchings=map,vmap_columns --device_counts=1 --epochs=2 --data_dir="$DATA" --out="$OUT" --tag=gpu ;;
-    scale)
-      stage scale "$CAP" $PY -m experiments.bench --scales=$SCALES --epochs_to_time=2 --eval_repeats=2 \
-        --data_dir="$DATA" --out="$OUT" --tag=gpu --append ;;
-    numerics)
-      stage numerics "$CAP" $PY -m experiments.grid --grid=numerics --dataset=synthetic_$PRESET --data_dir="$DATA" \
-        --seeds=$SEEDS --workdir=/tmp/lgmrec_numerics
-      # Cut off by its cap, the grid has written no tables: make them from the configs that finished
-      # (rerunning the stage resumes the rest).
-      [ -f /tmp/lgmrec_numerics/results.md ] || $PY -m experiments.grid_merge --workdir=/tmp/lgmrec_numerics \
-        --allow_partial >>"$OUT/log.txt" 2>&1
-      cp /tmp/lgmrec_numerics/results.md "$OUT/numerics.md" 2>/dev/null || log "numerics: no results yet" ;;
     *) log "unknown stage $s" ;;
   esac
 done
+kill "$GEN" 2>/dev/null  # a dataset no stage got to
+# bench_gpu.md is made again from bench_gpu.json where the files land (experiments.bench.markdown), so
+# that numerics.csv fits under the device tool's 8 returned files.
+rm -f "$OUT/bench_gpu.md"
 ls -la "$OUT" | tee -a "$OUT/log.txt"

@@ -145,8 +145,13 @@ def versions() -> dict:
     import optax
     import orbax.checkpoint
 
-    return {"lgmrec_jax": __version__, "jax": jax.__version__, "jaxlib": jax.lib.__version__
-            if hasattr(jax.lib, "__version__") else None, "flax": flax.__version__, "optax": optax.__version__,
+    try:  # jaxlib's own module: jax.lib's re-export of the version is not kept across releases
+        import jaxlib
+        jaxlib_version = getattr(jaxlib, "__version__", None)
+    except ImportError:
+        jaxlib_version = None
+    return {"lgmrec_jax": __version__, "jax": jax.__version__, "jaxlib": jaxlib_version,
+            "flax": flax.__version__, "optax": optax.__version__,
             "orbax_checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__,
             "python": sys.version.split()[0], "backend": jax.default_backend()}
 
