@@ -832,6 +832,20 @@ def profile_eval(exp, params) -> dict:
 # ----------------------------------------------------------------------------------- driver
 
 
+# The environment of the isolated workers: the caller's. main() keeps the coordinating process off the
+# GPU's memory pool (it only asks the device's kind), so a worker can preallocate as a user's run does.
+WORKER_ENV: dict = {}
+PREALLOCATE = "XLA_PYTHON_CLIENT_PREALLOCATE"
+
+
+def keep_coordinator_off_the_pool() -> None:
+    """Before this process makes a GPU client: allocate on demand here, and keep the caller's setting
+    for the workers (by default a GPU client reserves 75% of the card at start, which would leave a
+    worker started beside it short)."""
+    WORKER_ENV.update(os.environ)
+    os.environ[PREALLOCATE] = "false"
+
+
 def worker_command(spec: dict, result_path: str) -> list[str]:
     return [sys.executable, "-m", "experiments.bench", f"--worker={json.dumps(spec)}",
             f"--worker_out={result_path}"]
@@ -841,7 +855,7 @@ def run_isolated(spec: dict) -> dict:
     handle, result_path = tempfile.mkstemp(prefix="lgmrec-bench-", suffix=".json")
     os.close(handle)
     try:
-        proc = subprocess.run(worker_command(spec, result_path), cwd=REPO)
+        proc = subprocess.run(worker_command(spec, result_path), cwd=REPO, env=WORKER_ENV or None)
         if proc.returncode != 0:
             return {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
                     "feature_dtype": spec.get("feature_dtype", "float32"),
@@ -1195,6 +1209,8 @@ def main(argv):
             json.dump(result, handle)
         return
     settings = settings_from_flags()
+    if settings.isolate:
+        keep_coordinator_off_the_pool()
     report = run_benchmark(settings, argv=["python -m experiments.bench"] + sys.argv[1:])
     json_path, md_path = paths(settings, report["machine"]["backend"])
     print(f"wrote {json_path} and {md_path}")

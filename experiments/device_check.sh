@@ -67,7 +67,7 @@ BENCH="$PY -m experiments.bench --data_dir=$DATA --out=$OUT --tag=gpu"  # word-s
 # Datasets, generated on the CPUs while the first stages use the GPU.
 scaled_names=$(IFS=,; for s in $SCALES; do printf 'synthetic_clothing_x%s ' "$($PY -c "print(f'{float($s):g}')")"; done)
 [ "$PRESET" = tiny ] && scaled_names=$(IFS=,; for s in $SCALES; do printf 'synthetic_clothing_x%s ' "$s"; done)
-$PY - "$DATA" "synthetic_$PRESET" $scaled_names >>"$OUT/log.txt" 2>&1 <<'PYEOF' &
+JAX_PLATFORMS=cpu $PY - "$DATA" "synthetic_$PRESET" $scaled_names >>"$OUT/log.txt" 2>&1 <<'PYEOF' &
 import sys, time
 from experiments.bench import load
 for name in sys.argv[2:]:

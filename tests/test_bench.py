@@ -67,3 +67,20 @@ def test_eval_topk_is_an_axis_of_the_comparison():
     assert got == [("segment_sum", "direct"), ("segment_sum", "grouped"), ("bcoo", "direct"), ("bcoo", "grouped")]
     assert bench.kernels({"kernel": "bcoo", "eval_topk": "grouped"}) == "bcoo, grouped top-k"
     assert bench.kernels({"kernel": "bcoo"}) == "bcoo"  # results recorded before the option existed
+
+
+def test_isolated_workers_keep_the_callers_gpu_preallocation(monkeypatch):
+    """The coordinating process allocates on demand; its workers see the caller's setting (unset here,
+    i.e. JAX's preallocation), so the worker's device memory is a user's run's."""
+    monkeypatch.setenv(bench.PREALLOCATE, "recorded")  # so that teardown restores the real value
+    monkeypatch.delenv(bench.PREALLOCATE)
+    monkeypatch.setattr(bench, "WORKER_ENV", {})
+    bench.keep_coordinator_off_the_pool()
+    assert bench.os.environ[bench.PREALLOCATE] == "false"
+    assert bench.PREALLOCATE not in bench.WORKER_ENV
+    assert bench.WORKER_ENV["PATH"] == bench.os.environ["PATH"]
+
+    monkeypatch.setenv(bench.PREALLOCATE, "true")
+    monkeypatch.setattr(bench, "WORKER_ENV", {})
+    bench.keep_coordinator_off_the_pool()
+    assert (bench.os.environ[bench.PREALLOCATE], bench.WORKER_ENV[bench.PREALLOCATE]) == ("false", "true")
