@@ -42,6 +42,9 @@ fills it, the second (warm) reads it; both report trace_lower_s and compile_s.
 ``--profile`` adds, per configuration, a breakdown of the steady epoch by timing ablations: each
 variant is a full epoch (``lax.scan`` over the same batches) of a modified step, compiled and timed
 the same way (see :func:`profile_epoch`).
+``--trace`` adds, per configuration, a JAX profiler trace of one steady epoch and one evaluation,
+summed by operation family and kind (:mod:`experiments.trace_summary`): which kernels the device time
+goes to, and how much of the window the device was busy at all.
 ``--patch`` applies named experimental monkeypatches (:data:`PATCHES`) inside the benchmark process
 only, to measure a candidate change to lgmrec_jax before it is made; the library is never edited.
 """
@@ -98,6 +101,7 @@ class Settings:
     baseline: bool = True  # the unpatched configuration too
     profile: bool = False
     profile_steps: int = 16
+    trace: bool = False
     compile_cache: bool = False
     isolate: bool = True
     wait_idle_s: int = 0
@@ -601,6 +605,8 @@ def _run_config(spec: dict) -> dict:
             result["valid_recall@20"] = metrics["valid"].get("recall@20")
         result["memory"] = memory()
 
+        if spec.get("trace"):
+            result["trace"], state = trace_epoch_and_eval(exp, state, spec["epochs_to_time"] + 1)
         if spec.get("profile"):
             result["profile"] = profile_epoch(exp, state, spec["epochs_to_time"] + 2, spec.get("profile_steps", 0))
             if exp.plans:
@@ -659,10 +665,50 @@ def full_run(cfg, ds, max_epochs: int) -> dict:
             "best_epoch": summary.get("best_epoch"),
             "best_valid_recall@20": (summary.get("best_valid") or {}).get("recall@20"),
             "median_train_s": median([r["train_s"] for r in rows]),
-            "median_eval_s": median([r["eval_s"] for r in rows if "eval_s" in r])}
+            "median_eval_s": median([r["eval_s"] for r in rows if "eval_s" in r]),
+            **run_timeline(rows)}
+
+
+def run_timeline(rows: list[dict]) -> dict:
+    """Where a run's wall time went, from its metrics rows' ``time_s`` (the run's clock at the end of
+    each epoch's evaluation): the start (setup, restore; the first epoch's compile is in its
+    train_s), the first epoch, and the host's median cost between two epochs beyond their train_s
+    and eval_s (checkpoint hand-off, logging, early stopping)."""
+    if not rows or any("time_s" not in r for r in rows):
+        return {}
+    spent = [r["train_s"] + r.get("eval_s", 0.0) for r in rows]
+    gaps = [b["time_s"] - a["time_s"] - s for a, b, s in zip(rows, rows[1:], spent[1:])]
+    return {"before_first_epoch_s": round(rows[0]["time_s"] - spent[0], 3),
+            "first_epoch_train_s": rows[0]["train_s"],
+            "host_between_epochs_s": round(median(gaps), 4) if gaps else None}
 
 
 # ----------------------------------------------------------------------------------- profile
+
+
+def trace_epoch_and_eval(exp, state, epoch: int):
+    """Device time of one steady epoch and one evaluation by operation (experiments.trace_summary),
+    from JAX profiler traces; returns (summaries, the state after the traced epoch)."""
+    import jax
+
+    from experiments import trace_summary
+
+    out, tmp = {}, tempfile.mkdtemp(prefix="lgmrec-trace-")
+    try:
+        with jax.profiler.trace(os.path.join(tmp, "epoch"), create_perfetto_trace=True):
+            state, _ = exp.train_epoch(state, epoch)
+            sync(state)
+        events = trace_summary.load_events(trace_summary.newest_trace(os.path.join(tmp, "epoch")))
+        out["epoch"] = trace_summary.summarize(events, per=int(exp.sampler.n_batches))
+        if exp.plans:
+            params = exp.runner.get(state).params
+            with jax.profiler.trace(os.path.join(tmp, "eval"), create_perfetto_trace=True):
+                exp.evaluate(params, epoch)
+            events = trace_summary.load_events(trace_summary.newest_trace(os.path.join(tmp, "eval")))
+            out["eval"] = trace_summary.summarize(events)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out, state
 
 
 def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
@@ -881,6 +927,7 @@ def specs(settings: Settings) -> list[dict]:
                         "patches": list(patches), "data_dir": os.path.abspath(settings.data_dir),
                         "epochs_to_time": settings.epochs_to_time, "eval_repeats": settings.eval_repeats,
                         "profile": settings.profile, "profile_steps": settings.profile_steps, "full_run": full,
+                        "trace": settings.trace,
                         "max_epochs": settings.max_epochs, "compile_only": settings.compile_only})
     return out
 
@@ -888,7 +935,8 @@ def specs(settings: Settings) -> list[dict]:
 def compile_cache_runs(spec: dict, isolate: bool) -> dict:
     """Cold then warm process start against one fresh persistent cache directory."""
     cache_dir = tempfile.mkdtemp(prefix="lgmrec-jax-cache-")
-    base = dict(spec, epochs_to_time=1, eval_repeats=1, profile=False, full_run=False, compile_cache_dir=cache_dir)
+    base = dict(spec, epochs_to_time=1, eval_repeats=1, profile=False, trace=False, full_run=False,
+                compile_cache_dir=cache_dir)
     out = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
            "feature_dtype": spec.get("feature_dtype", "float32"), "eval_topk": spec["eval_topk"]}
     try:
@@ -1042,12 +1090,17 @@ def markdown(report: dict) -> str:
     if full:
         lines += ["", "## Full early-stopped runs", "",
                   "| dataset | kernel | precision | wall | status | epochs | best epoch | best valid R@20 | "
-                  "median train | median eval |", "|---|---|---|---|---|---|---|---|---|---|"]
+                  "median train | median eval | before epoch 0 | epoch 0 train | host between epochs |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in full:
             f = r["full_run"]
             lines.append(f"| {r['dataset']} | {kernels(r)} | {numerics(r)} | {_f(f['wall_s'], 1)} | "
                          f"{f['status']} | {f['epochs_run']} | {f['best_epoch']} | {_f(f['best_valid_recall@20'], 4)} | "
-                         f"{_f(f['median_train_s'])} | {_f(f['median_eval_s'])} |")
+                         f"{_f(f['median_train_s'])} | {_f(f['median_eval_s'])} | {_f(f.get('before_first_epoch_s'))} | "
+                         f"{_f(f.get('first_epoch_train_s'))} | {_f(f.get('host_between_epochs_s'))} |")
+        lines += ["", "*before epoch 0*: setup and restore (from the rows' `time_s`); *epoch 0 train* includes its "
+                  "compilation; *host between epochs*: median seconds between two epochs' rows beyond their train "
+                  "and eval time (checkpoint hand-off, logging); empty for results recorded before rows had `time_s`."]
     scaled = [r for r in report["results"] if "epoch_s" in r and parse_scaled(r["dataset"])]
     if len(scaled) > 1:
         lines += ["", "## Scaling (clothing with its catalogue and its interactions scaled)", "",
@@ -1097,6 +1150,16 @@ def markdown(report: dict) -> str:
             lines.append(f"| {phase} | {_f(p.get('trace_lower_s'))} | {_f(p.get('compile_s'))} | "
                          f"{_f(p.get('eval_compile_s'))} |")
         lines.append(f"\nCache size: {cache.get('cache_mb')} MB.")
+    for r in (r for r in report["results"] if r.get("trace")):
+        from experiments import trace_summary
+
+        head = f"{r['dataset']}, {kernels(r)}, {numerics(r)}"
+        lines += ["", f"## Device time by operation: {head}", "",
+                  "From JAX profiler traces of one steady epoch (per unit: per training step) and one valid+test "
+                  "evaluation (`--trace`, experiments/trace_summary.py).", ""]
+        for part in ("epoch", "eval"):
+            if part in r["trace"]:
+                lines.append(trace_summary.markdown(r["trace"][part], title=f"{part}: {head}"))
     profiled = [r for r in report["results"] if r.get("profile")]
     for r in profiled:
         p = r["profile"]
@@ -1152,6 +1215,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("profile", False, "Also break a steady epoch down by timing ablations.")
     flags.DEFINE_integer("profile_steps", 16, "Steps per profiled variant (the first of an epoch; times are "
                          "scaled to the whole epoch); 0 = the whole epoch.")
+    flags.DEFINE_bool("trace", False, "Also trace one steady epoch and one evaluation with the JAX profiler "
+                      "and sum the device time by operation (experiments/trace_summary.py).")
     flags.DEFINE_bool("compile_cache", False, "Also measure cold vs warm persistent compilation cache.")
     flags.DEFINE_integer("wait_idle_s", 0, "Before each configuration wait up to this long for other processes "
                          "to leave the CPUs (under 20% use); 0 does not wait. The share seen is recorded.")
@@ -1194,7 +1259,7 @@ def settings_from_flags() -> Settings:
     return Settings(presets=presets, scales=tuple(float(s) for s in FLAGS.scales), scaled=scaled, feature_dims=dims,
                     epochs_to_time=max(1, FLAGS.epochs_to_time), eval_repeats=FLAGS.eval_repeats,
                     compile_only=FLAGS.compile_only, full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
-                    precisions=tuple(FLAGS.matmul_precision), feature_dtypes=tuple(FLAGS.feature_dtype), eval_topks=tuple(FLAGS.eval_topk), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps,
+                    precisions=tuple(FLAGS.matmul_precision), feature_dtypes=tuple(FLAGS.feature_dtype), eval_topks=tuple(FLAGS.eval_topk), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps, trace=FLAGS.trace,
                     compile_cache=FLAGS.compile_cache, isolate=FLAGS.isolate, wait_idle_s=FLAGS.wait_idle_s, out=FLAGS.out, tag=FLAGS.tag, append=FLAGS.append,
                     data_dir=FLAGS.data_dir)
 

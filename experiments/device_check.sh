@@ -15,6 +15,9 @@
 #             optax, orbax-checkpoint) are put first on PYTHONPATH and it is tried once more.
 #   parity    both goldens at "highest" (needs the goldens in $LGMREC_SHARED, default ./.shared: copy
 #             ../shared/golden there, git-ignored, and carry it; nothing of it is committed)
+#   profile   clothing, highest and default precision: where a step's device time goes, by kernel
+#             (--trace: JAX profiler traces summed by experiments/trace_summary.py) and by part of the
+#             model (--profile: timing ablations), appended to bench_gpu
 #   bench     clothing, segment_sum, highest and default precision: 5 timed epochs and evaluations, and
 #             the persistent compilation cache cold vs warm
 #   full      clothing, the default config: one early-stopped run end to end (and 2 timed epochs)
@@ -32,7 +35,7 @@
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env preflight parity bench full variants numerics scale grid"}
+STAGES=${STAGES:-"env preflight parity profile bench full variants numerics scale grid"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-0}
@@ -103,6 +106,10 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
           log "parity: $SHARED/golden/$g.npz absent (copy ../shared/golden to $SHARED and carry it)"
         fi
       done ;;
+    profile)
+      datasets_ready
+      stage profile "$CAP" $BENCH --presets=$PRESET --matmul_precision=highest,default --trace --profile \
+        --epochs_to_time=2 --eval_repeats=2 --append ;;
     bench)
       datasets_ready
       stage bench "$CAP" $BENCH --presets=$PRESET --kernel=segment_sum --matmul_precision=highest,default \

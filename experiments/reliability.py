@@ -63,7 +63,7 @@ from typing import Callable, Optional
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ("train_s", "eval_s", "total_wall_s")
+TIMING_KEYS = ("train_s", "eval_s", "time_s", "total_wall_s")
 KILL_POINTS = ("train", "eval", "save", "saved", "metrics", "summary")
 ENOSPC_POINTS = ("save", "metrics", "summary")
 

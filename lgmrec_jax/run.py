@@ -587,6 +587,10 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
             stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],
                                   results.get("test", {}))
             row.update(best_epoch=stopper.best_epoch, patience_left=stopper.patience_left)
+        # The run's wall clock at the end of this epoch's evaluation, over every session of it (setup and
+        # compilation included): metrics against time, and the host's cost between epochs
+        # (time_s[e] - time_s[e-1] - train_s[e] - eval_s[e]).
+        row["time_s"] = round(progress.wall_s + time.time() - started, 3)
         progress.history.append(row)
         progress.epoch = epoch + 1
         log_epoch(row, stopper, cfg.valid_metric)

@@ -84,3 +84,13 @@ def test_isolated_workers_keep_the_callers_gpu_preallocation(monkeypatch):
     monkeypatch.setattr(bench, "WORKER_ENV", {})
     bench.keep_coordinator_off_the_pool()
     assert (bench.os.environ[bench.PREALLOCATE], bench.WORKER_ENV[bench.PREALLOCATE]) == ("false", "true")
+
+
+def test_run_timeline_from_metrics_rows():
+    rows = [{"time_s": 30.0, "train_s": 20.0, "eval_s": 1.0},  # 9 s before epoch 0; its train has the compile
+            {"time_s": 32.5, "train_s": 2.0, "eval_s": 0.4},  # 0.1 s between epochs
+            {"time_s": 35.0, "train_s": 2.0, "eval_s": 0.2},  # 0.3 s
+            {"time_s": 37.2, "train_s": 2.0}]  # no evaluation this epoch: 0.2 s
+    assert bench.run_timeline(rows) == {"before_first_epoch_s": 9.0, "first_epoch_train_s": 20.0,
+                                        "host_between_epochs_s": 0.2}
+    assert bench.run_timeline([{"train_s": 1.0, "eval_s": 0.1}]) == {}  # rows from before time_s

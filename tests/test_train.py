@@ -80,6 +80,12 @@ def test_resume_equals_uninterrupted_run(synthetic_dir, tmp_path):
     assert strip_timing(resumed) == strip_timing(straight)
     assert strip_timing(read_jsonl(tmp_path / "a" / "metrics.jsonl")) == strip_timing(
         read_jsonl(tmp_path / "b" / "metrics.jsonl"))
+    # Each row's time_s is the run's clock over both sessions: it covers the epoch's own train and
+    # eval time, and the second session continues the first's clock.
+    rows = read_jsonl(tmp_path / "b" / "metrics.jsonl")
+    assert rows[0]["time_s"] >= rows[0]["train_s"] + rows[0]["eval_s"]
+    for before, after in zip(rows, rows[1:]):
+        assert after["time_s"] - before["time_s"] >= after["train_s"] + after["eval_s"] - 2e-3, (before, after)
 
 
 def test_workdir_with_other_setup_is_refused(synthetic_dir, tmp_path):

@@ -1,0 +1,176 @@
+"""Where a compiled program's device time goes, from a JAX profiler trace.
+
+    python -m experiments.trace_summary /tmp/trace_dir            # the newest perfetto_trace.json.gz under it
+    python -m experiments.bench --presets=clothing --trace ...    # the same summary inside a benchmark result
+
+``jax.profiler.trace(dir, create_perfetto_trace=True)`` writes ``perfetto_trace.json.gz``: Chrome trace
+events, among them one complete event (``"ph": "X"``) per executed XLA operation, with the HLO
+instruction in ``args.hlo_op``. On a GPU those are the kernels on the ``/device:GPU:N`` process (the
+host also logs the launches, which are left out here); on a CPU they are the thunks on the PjRt client's
+thread. This module sums their durations by operation *family* (the HLO name without its numeric
+suffix: ``loop_add_fusion.12`` -> ``loop_add_fusion``), sorts the families into coarse kinds by name
+(matmul, scatter, gather, reduce, sort, copy, other fusion), and compares the device's busy time with
+the traced window: a busy share far below 1 means launch gaps, i.e. the device waiting for the host or
+for small kernels' overheads.
+
+No tensorboard plugin is needed; the output is plain JSON (and a Markdown table) that a session without a
+GPU can read.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+from typing import Iterable, Optional
+
+# Coarse kinds, tried in order on the lower-cased family name; the first match wins. A fusion's name
+# lists the operations fused into it ("loop_multiply_reduce_fusion"), so a kind is matched on those
+# words; bitcasts and slices inside a fusion move no data and name no kind.
+KINDS = (
+    ("matmul", ("gemm", "cublas", "cutlass", "dot", "matmul", "xmma", "ynn")),
+    ("scatter", ("scatter",)),
+    ("gather", ("gather", "dynamic-slice", "dynamic_slice")),
+    ("sort/top-k", ("sort", "topk", "top_k", "top-k")),
+    ("reduce", ("reduce", "reduction")),
+    ("copy/transfer", ("copy", "memcpy", "memset", "transpose", "concatenate")),
+)
+SUFFIX = re.compile(r"([._-]\d+)+$")
+# Operations that only hold others (a CPU trace nests the body's thunks inside them).
+CONTAINERS = ("while", "conditional", "call")
+
+
+def family(op: str) -> str:
+    """``loop_add_fusion.12`` -> ``loop_add_fusion``; ``custom-call.3`` -> ``custom-call``."""
+    return SUFFIX.sub("", op) or op
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    for label, needles in KINDS:
+        if any(n in low for n in needles):
+            return label
+    return "other fusion / elementwise"
+
+
+def newest_trace(path: str) -> str:
+    """``path`` itself if it is a trace file, else the newest perfetto_trace.json.gz below it."""
+    if os.path.isfile(path):
+        return path
+    found = glob.glob(os.path.join(path, "**", "perfetto_trace.json.gz"), recursive=True)
+    if not found:
+        raise FileNotFoundError(f"{path}: no perfetto_trace.json.gz below it (was the trace made with "
+                                f"create_perfetto_trace=True?)")
+    return max(found, key=os.path.getmtime)
+
+
+def load_events(path: str) -> list[dict]:
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "rt") as handle:
+        data = json.load(handle)
+    return data["traceEvents"] if isinstance(data, dict) else data
+
+
+def device_op_events(events: Iterable[dict]) -> list[dict]:
+    """The executed XLA operations: complete events naming an HLO op, on the device processes where
+    the trace has any (GPU/TPU), else wherever they are (CPU)."""
+    events = list(events)
+    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
+             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
+    on_device = [e for e in ops if names.get(e["pid"], "").startswith("/device:")]
+    return leaves(on_device or ops)
+
+
+def leaves(ops: list[dict]) -> list[dict]:
+    """The operations that hold no other operation of the same thread (on a CPU a while loop's event
+    spans its body's; counting both would count the body twice)."""
+    holders = set()
+    by_thread = collections.defaultdict(list)
+    for i, e in enumerate(ops):
+        by_thread[(e["pid"], e["tid"])].append(i)
+    for indices in by_thread.values():
+        indices.sort(key=lambda i: (float(ops[i]["ts"]), -float(ops[i].get("dur", 0.0))))
+        open_ = []  # indices of the events that enclose the current one, outermost first
+        for i in indices:
+            start = float(ops[i]["ts"])
+            while open_ and float(ops[open_[-1]]["ts"]) + float(ops[open_[-1]].get("dur", 0.0)) <= start:
+                open_.pop()
+            if open_:
+                holders.add(open_[-1])
+            open_.append(i)
+    return [e for i, e in enumerate(ops) if i not in holders and family(e["args"]["hlo_op"]) not in CONTAINERS]
+
+
+def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None) -> dict:
+    """Device time by operation family and kind (milliseconds); ``per``: also divide by this count
+    (e.g. the steps traced) for per-step figures."""
+    ops = device_op_events(events)
+    if not ops:
+        return {"ops": 0}
+    by_family = collections.defaultdict(lambda: [0.0, 0])
+    for e in ops:
+        entry = by_family[family(e["args"]["hlo_op"])]
+        entry[0] += float(e.get("dur", 0.0))
+        entry[1] += 1
+    busy_us = sum(t for t, _ in by_family.values())
+    start = min(float(e["ts"]) for e in ops)
+    end = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in ops)
+    kinds = collections.defaultdict(float)
+    for name, (t, _) in by_family.items():
+        kinds[kind(name)] += t
+    ranked = sorted(by_family.items(), key=lambda item: (-item[1][0], item[0]))
+    out = {
+        "ops": len(ops),
+        "modules": sorted({e["args"].get("hlo_module", "") for e in ops} - {""}),
+        "window_ms": round((end - start) / 1e3, 3),
+        "busy_ms": round(busy_us / 1e3, 3),
+        "busy_share": round(busy_us / (end - start), 3) if end > start else None,
+        "kinds_ms": {k: round(v / 1e3, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": [{"family": name, "kind": kind(name), "ms": round(t / 1e3, 3), "count": n,
+                 "share": round(t / busy_us, 4) if busy_us else None} for name, (t, n) in ranked[:top]],
+    }
+    if per:
+        out["per"] = per
+        out["busy_ms_per"] = round(busy_us / 1e3 / per, 4)
+        out["ops_per"] = round(len(ops) / per, 1)
+    return out
+
+
+def markdown(summary: dict, title: str = "Device time by operation") -> str:
+    if not summary.get("ops"):
+        return f"### {title}\n\nNo device operations in the trace.\n"
+    lines = [f"### {title}", "",
+             f"{summary['ops']} operations in {', '.join(summary['modules']) or '?'}; busy "
+             f"{summary['busy_ms']} ms of a {summary['window_ms']} ms window (busy share {summary['busy_share']})"
+             + (f"; per unit ({summary['per']}): {summary['busy_ms_per']} ms busy, {summary['ops_per']} operations"
+                if summary.get("per") else "") + ".", "",
+             "| kind | ms | share |", "|---|---|---|"]
+    for name, ms in summary["kinds_ms"].items():
+        lines.append(f"| {name} | {ms} | {ms / summary['busy_ms']:.1%} |")
+    lines += ["", "| operation family | kind | ms | count | share |", "|---|---|---|---|---|"]
+    for row in summary["top"]:
+        lines.append(f"| `{row['family']}` | {row['kind']} | {row['ms']} | {row['count']} | {row['share']:.1%} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m experiments.trace_summary TRACE_DIR_OR_FILE", file=sys.stderr)
+        return 2
+    try:
+        path = newest_trace(argv[1])
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    summary = summarize(load_events(path))
+    print(markdown(summary, title=path))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

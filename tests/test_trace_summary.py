@@ -1,0 +1,75 @@
+"""experiments/trace_summary.py: device time by operation from a profiler trace (hand-made traces with
+known totals, and a real CPU trace of a program whose operation counts are known)."""
+
+import gzip
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from experiments import trace_summary as ts
+
+
+def op(pid, tid, ts_us, dur_us, hlo_op, module="jit_step"):
+    return {"ph": "X", "pid": pid, "tid": tid, "ts": ts_us, "dur": dur_us, "name": hlo_op,
+            "args": {"hlo_op": hlo_op, "hlo_module": module}}
+
+
+def process(pid, name):
+    return {"ph": "M", "pid": pid, "name": "process_name", "args": {"name": name}}
+
+
+def test_gpu_like_trace_counts_device_kernels_only():
+    events = [process(1, "/host:CPU"), process(2, "/device:GPU:0"),
+              op(1, 7, 0, 50, "loop_add_fusion.3"),  # the host's launch record: left out
+              op(2, 9, 100, 30, "loop_add_fusion.3"), op(2, 9, 140, 10, "loop_add_fusion.17"),
+              op(2, 9, 150, 40, "cublas-gemm.2"), op(2, 9, 200, 20, "input_scatter_fusion"),
+              op(2, 9, 290, 10, "copy.5"),
+              {"ph": "X", "pid": 2, "tid": 9, "ts": 0, "dur": 999, "name": "MemcpyH2D", "args": {}}]
+    s = ts.summarize(events, per=2)
+    assert s["ops"] == 5 and s["modules"] == ["jit_step"]
+    assert s["window_ms"] == 0.2 and s["busy_ms"] == 0.11 and s["busy_share"] == 0.55
+    assert s["kinds_ms"] == {"matmul": 0.04, "other fusion / elementwise": 0.04, "scatter": 0.02,
+                             "copy/transfer": 0.01}
+    assert s["top"][0] == {"family": "cublas-gemm", "kind": "matmul", "ms": 0.04, "count": 1, "share": 0.3636}
+    assert s["top"][1]["family"] == "loop_add_fusion" and s["top"][1]["count"] == 2
+    assert s["busy_ms_per"] == 0.055 and s["ops_per"] == 2.5
+    assert "| `cublas-gemm` | matmul | 0.04 | 1 | 36.4% |" in ts.markdown(s)
+
+
+def test_nested_cpu_events_are_counted_once():
+    # A CPU trace nests a while loop's body inside the while's own event.
+    events = [process(1, "/host:CPU"), op(1, 3, 0, 100, "while.4"), op(1, 3, 10, 30, "fusion.1"),
+              op(1, 3, 50, 30, "fusion.2"), op(1, 3, 120, 5, "copy.9")]
+    s = ts.summarize(events)
+    assert s["ops"] == 3 and s["busy_ms"] == 0.065
+    assert {r["family"] for r in s["top"]} == {"fusion", "copy"}
+
+
+@pytest.mark.parametrize("name,kind", [("loop_multiply_reduce_fusion", "reduce"), ("wrapped_scatter", "scatter"),
+                                       ("multiply_bitcast_fusion", "other fusion / elementwise"),
+                                       ("gemm_fusion_dot", "matmul"), ("bitcast_gather_fusion", "gather"),
+                                       ("copy", "copy/transfer"), ("sort", "sort/top-k")])
+def test_kinds(name, kind):
+    assert ts.kind(name) == kind
+
+
+def test_real_cpu_trace_of_a_scan(tmp_path):
+    @jax.jit
+    def f(x, w):
+        return jax.lax.scan(lambda c, _: (jnp.tanh(c @ w) + c, None), x, None, length=7)[0]
+
+    x, w = jnp.ones((64, 64)), jnp.full((64, 64), 0.01)
+    f(x, w).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        f(x, w).block_until_ready()
+    s = ts.summarize(ts.load_events(ts.newest_trace(str(tmp_path))))
+    assert s["ops"] >= 7 and 0 < s["busy_ms"] <= s["window_ms"] + 1e-3
+    matmuls = [r for r in s["top"] if r["kind"] == "matmul"]
+    assert matmuls and sum(r["count"] for r in matmuls) == 7  # one product per iteration
+
+
+def test_missing_trace_is_a_clear_error(tmp_path, capsys):
+    assert ts.main(["trace_summary", str(tmp_path)]) == 1
+    assert "no perfetto_trace.json.gz" in capsys.readouterr().err
