@@ -7,10 +7,15 @@ computes in float64, and held as row-sorted ``jax.experimental.sparse.BCOO``:
   A_hat  (N x N)  D^-1/2 A D^-1/2 of the symmetric bipartite adjacency of distinct pairs,
                   D = diag(deg + 1e-7); isolated nodes keep all-zero rows and columns.
 
-``propagate(matrix, x, kernel)`` multiplies a BCOO by a dense block with either kernel:
-``"bcoo"`` (BCOO matmul, gather + scatter-add) or ``"segment_sum"`` (gather, then a sorted
-``segment_sum`` over the row indices, as in jraph's message passing). Both give the same values
-and gradients; the default is chosen by measurement (experiments/bench.py).
+``propagate(matrix, x, kernel)`` multiplies a sparse matrix by a dense block with one of three kernels:
+``"bcoo"`` (BCOO matmul, gather + scatter-add), ``"segment_sum"`` (gather, then a sorted
+``segment_sum`` over the row indices, as in jraph's message passing), or ``"ell"``: the rows grouped
+by degree into a few ELLPACK blocks (each row's entries padded to its block's width), so that a
+product is a gather and a dense row sum per block, with no scatter-add (whose float atomics
+serialise on rows of high degree on a GPU, and which TPUs execute slowly); its gradient uses the
+transpose's own blocks. All three give the same values and gradients up to float32 summation order;
+the default is chosen by measurement (experiments/bench.py). ``"ell"`` needs the graph built for it
+(``build_graph(..., kernel="ell")``: :class:`EllMatrix` in place of the BCOO matrices).
 """
 
 from __future__ import annotations
@@ -33,6 +38,28 @@ class Graph(NamedTuple):
     norm_adj: sparse.BCOO  # (N, N)
     interactions: sparse.BCOO  # R, (U, I)
     user_inv_deg: jax.Array  # (U, 1) float32: 1 / (deg_u + 1e-7)
+
+
+class EllLayout(NamedTuple):
+    """A sparse matrix as ELLPACK blocks: block b holds ``cols[b]``/``vals[b]`` of shape (rows_b, width_b),
+    one row per matrix row of that block (entries in the row's order, padded with value 0 on the row's
+    first column); ``slot[r]`` is row r's position in the blocks' concatenated outputs, or the position
+    of one appended zero row for rows without entries."""
+
+    cols: tuple
+    vals: tuple
+    slot: jax.Array  # (n_rows,) int32
+
+
+class EllMatrix(NamedTuple):
+    """A graph matrix for the "ell" kernel: its blocks and its transpose's (for the gradient)."""
+
+    fwd: EllLayout
+    bwd: EllLayout
+
+    @property
+    def shape(self) -> tuple:
+        return (self.fwd.slot.shape[0], self.bwd.slot.shape[0])
 
 
 class HostGraph(NamedTuple):
@@ -76,25 +103,107 @@ def to_bcoo(rows, cols, vals, shape) -> sparse.BCOO:
     return sparse.BCOO((jnp.asarray(vals), indices), shape=shape, indices_sorted=True)
 
 
-def device_graph(host: HostGraph) -> Graph:
+# ELL blocks: each row is padded to the next power of two of its entry count, then the cheapest merges of
+# a block into the next wider one are made while the padding they add stays within this share of the
+# entries (fewer blocks are fewer kernels per product).
+ELL_MERGE_BUDGET = 0.05
+
+
+def ell_widths(counts: np.ndarray, budget: float = ELL_MERGE_BUDGET) -> np.ndarray:
+    """Each row's padded width (0 for rows without entries): powers of two, then merged blocks."""
+    width = np.zeros(len(counts), np.int64)
+    nonzero = counts > 0
+    width[nonzero] = 1 << np.ceil(np.log2(counts[nonzero])).astype(np.int64)
+    allowance = budget * counts.sum()
+    while True:
+        blocks = np.unique(width[nonzero])
+        if len(blocks) < 2:
+            return width
+        costs = [(int(np.sum(width == w)) * int(wider - w), w, wider) for w, wider in zip(blocks, blocks[1:])]
+        cost, w, wider = min(costs)
+        if cost > allowance:
+            return width
+        allowance -= cost
+        width[width == w] = wider
+
+
+def ell_layout(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int) -> EllLayout:
+    """The ELL blocks of a row-sorted COO matrix (host arrays in, device arrays out)."""
+    counts = np.bincount(rows, minlength=n_rows)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    width = ell_widths(counts)
+    slot = np.zeros(n_rows, np.int64)
+    block_cols, block_vals, offset = [], [], 0
+    for w in np.unique(width[width > 0]):
+        members = np.flatnonzero(width == w)
+        k = np.arange(w)
+        entry = starts[members, None] + k
+        real = k < counts[members, None]
+        entry = np.where(real, entry, starts[members, None])  # pads read the row's first entry, times 0
+        block_cols.append(jnp.asarray(cols[entry].astype(np.int32)))
+        block_vals.append(jnp.asarray(np.where(real, vals[entry], 0.0).astype(np.float32)))
+        slot[members] = offset + np.arange(len(members))
+        offset += len(members)
+    slot[width == 0] = offset  # the appended zero row
+    return EllLayout(tuple(block_cols), tuple(block_vals), jnp.asarray(slot.astype(np.int32)))
+
+
+def to_ell(rows, cols, vals, shape) -> EllMatrix:
+    """The ELL form of a row-sorted COO matrix and of its transpose."""
+    order = np.lexsort((rows, cols))
+    return EllMatrix(ell_layout(rows, cols, vals, shape[0]),
+                     ell_layout(cols[order], rows[order], vals[order], shape[1]))
+
+
+def device_graph(host: HostGraph, kernel: str = "segment_sum") -> Graph:
     n = host.n_users + host.n_items
+    matrix = to_ell if kernel == "ell" else to_bcoo
     return Graph(
-        norm_adj=to_bcoo(host.adj_rows, host.adj_cols, host.adj_vals, (n, n)),
-        interactions=to_bcoo(host.r_rows, host.r_cols, np.ones(len(host.r_rows), np.float32),
-                             (host.n_users, host.n_items)),
+        norm_adj=matrix(host.adj_rows, host.adj_cols, host.adj_vals, (n, n)),
+        interactions=matrix(host.r_rows, host.r_cols, np.ones(len(host.r_rows), np.float32),
+                            (host.n_users, host.n_items)),
         user_inv_deg=jnp.asarray(host.user_inv_deg))
 
 
-def build_graph(train: np.ndarray, n_users: int, n_items: int) -> Graph:
-    return device_graph(build_host_graph(train, n_users, n_items))
+def build_graph(train: np.ndarray, n_users: int, n_items: int, kernel: str = "segment_sum") -> Graph:
+    return device_graph(build_host_graph(train, n_users, n_items), kernel)
 
 
-def propagate(matrix: sparse.BCOO, x: jax.Array, kernel: str = "segment_sum") -> jax.Array:
-    """matrix @ x for a row-sorted BCOO matrix and a dense (cols, d) block."""
+def _ell_apply(layout: EllLayout, x: jax.Array) -> jax.Array:
+    parts = [jnp.sum(v[:, :, None] * x[c], axis=1) for c, v in zip(layout.cols, layout.vals)]
+    parts.append(jnp.zeros((1, x.shape[1]), jnp.promote_types(jnp.float32, x.dtype)))  # rows without entries
+    return jnp.concatenate(parts, axis=0)[layout.slot]
+
+
+@jax.custom_vjp
+def ell_matmul(matrix: EllMatrix, x: jax.Array) -> jax.Array:
+    """matrix @ x from ELL blocks; the gradient with respect to x is matrix.T @ g from the transpose's
+    blocks (no scatter either way); the matrix is a constant."""
+    return _ell_apply(matrix.fwd, x)
+
+
+def _ell_fwd(matrix, x):
+    return _ell_apply(matrix.fwd, x), matrix
+
+
+def _ell_bwd(matrix, g):
+    return None, _ell_apply(matrix.bwd, g)
+
+
+ell_matmul.defvjp(_ell_fwd, _ell_bwd)
+
+
+def propagate(matrix, x: jax.Array, kernel: str = "segment_sum") -> jax.Array:
+    """matrix @ x for a row-sorted BCOO matrix (or an EllMatrix, kernel "ell") and a dense (cols, d) block."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown propagation kernel {kernel!r}; expected one of {KERNELS}")
+    if (kernel == "ell") != isinstance(matrix, EllMatrix):
+        raise TypeError(f"kernel {kernel!r} got a {type(matrix).__name__}: build the graph with "
+                        f"build_graph(..., kernel={kernel!r})")
+    if kernel == "ell":
+        return ell_matmul(matrix, x)
     if kernel == "bcoo":
         return matrix @ x
-    if kernel == "segment_sum":
-        rows, cols = matrix.indices[:, 0], matrix.indices[:, 1]
-        messages = matrix.data[:, None] * x[cols]
-        return jax.ops.segment_sum(messages, rows, num_segments=matrix.shape[0], indices_are_sorted=True)
-    raise ValueError(f"unknown propagation kernel {kernel!r}; expected one of {KERNELS}")
+    rows, cols = matrix.indices[:, 0], matrix.indices[:, 1]
+    messages = matrix.data[:, None] * x[cols]
+    return jax.ops.segment_sum(messages, rows, num_segments=matrix.shape[0], indices_are_sorted=True)

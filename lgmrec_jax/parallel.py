@@ -34,13 +34,28 @@ class SingleDeviceRunner:
 def resolve_num_devices(requested: int) -> int:
     """Devices of this process for the step (0: all of them); under jax.distributed every process
     uses as many and the step spans them all."""
+    from lgmrec_jax.configs import ConfigError  # a ValueError: one line from the CLI
+
     available = jax.local_device_count()
     if requested < 0 or requested > available:
-        raise ValueError(f"num_devices is {requested}, expected 0 (all) to {available} local devices")
+        raise ConfigError(f"num_devices is {requested}, expected 0 (all) to {available} local devices")
     return requested or available
 
 
+def check_kernel_fits_devices(cfg) -> None:
+    """The "ell" kernel runs on one device: the row-sharded step (lgmrec_jax.sharded) splits BCOO
+    matrices. Raises ConfigError (one line) before anything is written."""
+    from lgmrec_jax.configs import ConfigError
+
+    n = resolve_num_devices(cfg.num_devices)
+    if cfg.kernel == "ell" and (n > 1 or distributed.spans_processes()):
+        raise ConfigError(f"kernel 'ell' runs on one device, and this run would use {n} device(s)"
+                          f"{' in several processes' if distributed.spans_processes() else ''}: set "
+                          f"num_devices=1, or kernel=segment_sum for the multi-device step")
+
+
 def make_runner(model, optimizer, cfg):
+    check_kernel_fits_devices(cfg)
     n = resolve_num_devices(cfg.num_devices)
     if n == 1 and not distributed.spans_processes():
         return SingleDeviceRunner(model, optimizer, cfg)

@@ -82,7 +82,7 @@ def replay(g: dict, kernel: str = "segment_sum") -> list[Row]:
     model = golden_model(g, kernel)
     ds = data_lib.from_arrays(g["data/train"], g["data/valid"], g["data/test"], model.n_users,
                               model.n_items, g.get("data/v_feat"), g.get("data/t_feat"))
-    graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+    graph = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items, kernel)
     feats = {m: jnp.asarray(f) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
     cl_weight, reg_weight, tau = (float(g[f"config/{k}"]) for k in ("cl_weight", "reg_weight", "tau"))
     rows: list[Row] = []

@@ -314,7 +314,7 @@ class Experiment:
         self.cfg, self.ds = cfg, ds
         self.model = trainer.make_model(cfg, ds)
         self.optimizer = trainer.make_optimizer(cfg.learning_rate)
-        self.graph = build_graph(ds.train, ds.n_users, ds.n_items)
+        self.graph = build_graph(ds.train, ds.n_users, ds.n_items, cfg.kernel)
         self.feats = trainer.device_features(ds, cfg.feature_dtype)
         self.sampler = sampler_lib.NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
         self.batches = sampler_lib.Prefetcher(self.sampler)  # epoch e + 1 is sampled while e trains
@@ -378,6 +378,7 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
     RunError; the newest checkpoint is then intact and the same call resumes from it.
     """
     configs.validate(cfg)
+    parallel.check_kernel_fits_devices(cfg)
     wd = Workdir(workdir)
     identity = run_identity(cfg, ds)
     try:  # under jax.distributed every process must run the same thing, or the collectives mix runs

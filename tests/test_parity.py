@@ -11,7 +11,7 @@ from lgmrec_jax import parity
 
 
 @pytest.mark.parametrize("name", ["lgmrec_fixed.npz", "lgmrec_legacy.npz"])
-@pytest.mark.parametrize("kernel", ["segment_sum", "bcoo"])
+@pytest.mark.parametrize("kernel", ["segment_sum", "bcoo", "ell"])
 def test_golden_replays(name, kernel):
     ok, table = parity.run(shared_path("golden", name), kernel)
     assert ok, table

@@ -11,7 +11,7 @@ import ml_collections
 
 DATASET_CONFIGS = ("baby", "sports", "clothing", "tiny")
 EVAL_NOISE_MODES = ("per_block", "per_eval", "off")
-KERNELS = ("segment_sum", "bcoo")
+KERNELS = ("segment_sum", "bcoo", "ell")
 PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
 FEATURE_DTYPES = ("float32", "bfloat16")
 EVAL_TOPK_METHODS = ("direct", "grouped", "approx")
