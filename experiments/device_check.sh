@@ -3,7 +3,7 @@
 # WORKSPACE.md, "Benchmark on a lent GPU"). Stages run in the order given, each under its own time cap
 # and, with DEADLINE=<seconds>, inside one overall budget (a stage that would start with under 30 s
 # left is skipped and logged). At most 8 files come back from $OUT (the device tool's limit):
-#   env.txt  parity.txt  bench_gpu.json/.md  bench_grid_gpu.json/.md  numerics.md  log.txt
+#   env.txt  parity.txt  bench_gpu.json  bench_grid_gpu.json/.md  numerics.md/.csv  log.txt
 #
 #   DEADLINE=560 bash experiments/device_check.sh                        # on the lent machine
 #   LGMREC_SMOKE=1 LGMREC_SHARED=../shared OUT=/tmp/dc bash experiments/device_check.sh   # here: tiny, CPU
@@ -13,21 +13,25 @@
 #   preflight a tiny training run through the CLI (data, training, evaluation, orbax checkpoints). If it
 #             fails with the image's packages, the wheels in .whl/fallback (the versions CI tests: flax,
 #             optax, orbax-checkpoint) are put first on PYTHONPATH and it is tried once more.
-#   parity    both goldens at "highest" (needs the goldens in $LGMREC_SHARED, default ./.shared: copy
-#             ../shared/golden there, git-ignored, and carry it; nothing of it is committed)
-#   profile   clothing, highest and default precision: where a step's device time goes, by kernel
-#             (--trace: JAX profiler traces summed by experiments/trace_summary.py) and by part of the
-#             model (--profile: timing ablations), appended to bench_gpu
+#   parity    both goldens at "highest" with the default kernel, and lgmrec_fixed with kernel "ell"
+#             (needs the goldens in $LGMREC_SHARED, default ./.shared: copy ../shared/golden there,
+#             git-ignored, and carry it; nothing of it is committed)
+#   profile   clothing, highest precision, kernels segment_sum and ell: epoch and evaluation times, and
+#             where the device time goes by operation (--trace: JAX profiler traces summed by
+#             experiments/trace_summary.py), appended to bench_gpu
 #   bench     clothing, segment_sum, highest and default precision: 5 timed epochs and evaluations, and
 #             the persistent compilation cache cold vs warm
-#   full      clothing, the default config: one early-stopped run end to end (and 2 timed epochs)
+#   full      clothing, the default config: one early-stopped run end to end (after 1 timed epoch)
 #   numerics  the precision study: experiments/grids/numerics.py at clothing scale, seeds $SEEDS
 #             (default 0,1), full early-stopped runs, shard $NUMERICS_SHARD of the grid (default 0/1,
 #             all; 0/2 is the float32 half, 1/2 the bfloat16 half); results.md (or, when the cap cuts
 #             it short, the tables of the configs that finished) -> numerics.md
-#   variants  appended to bench_gpu: the bcoo kernel, the "direct" top-k (beside the default
-#             "grouped"), bf16 features at default precision
 #   scale     clothing x $SCALES (default 0.5,2; x1 is bench's): epoch time and device memory vs size
+#   variants  appended to bench_gpu: the bcoo kernel, the "direct" top-k (beside the default
+#             "grouped"), bf16 features at default precision (all three measured on an H100 once:
+#             experiments/results/bench_gpu.md)
+#   ablation  clothing, highest: the epoch broken down by timing ablations (--profile; each variant
+#             is its own program, so this stage spends most of its time compiling)
 #   grid      configs per hour for K = 1, 4, 16 same-shape clothing configs (map, vmap_columns)
 # The synthetic datasets are generated in the background from the start, while env, preflight and
 # parity use the GPU. ml-collections is not in the machine's image: carry its wheel in .whl (device
@@ -35,7 +39,7 @@
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env preflight parity profile bench full variants numerics scale grid"}
+STAGES=${STAGES:-"env preflight parity profile bench full numerics scale variants ablation grid"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-0}
@@ -99,17 +103,24 @@ print('flax', flax.__version__, 'optax', optax.__version__, 'orbax', ocp.__versi
 optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
       fi ;;
     parity)
-      for g in lgmrec_fixed lgmrec_legacy; do
+      for run in lgmrec_fixed:segment_sum lgmrec_legacy:segment_sum lgmrec_fixed:ell; do
+        g=${run%%:*} kernel=${run##*:}
         if [ -f "$SHARED/golden/$g.npz" ]; then
-          stage parity-$g 150 sh -c "$PY -m lgmrec_jax.parity --golden $SHARED/golden/$g.npz >>$OUT/parity.txt 2>&1"
+          echo "== $g, kernel $kernel" >>"$OUT/parity.txt"
+          stage parity-$g-$kernel 150 sh -c "$PY -m lgmrec_jax.parity --golden $SHARED/golden/$g.npz \
+            --kernel=$kernel >>$OUT/parity.txt 2>&1"
         else
           log "parity: $SHARED/golden/$g.npz absent (copy ../shared/golden to $SHARED and carry it)"
         fi
       done ;;
     profile)
       datasets_ready
-      stage profile "$CAP" $BENCH --presets=$PRESET --matmul_precision=highest,default --trace --profile \
-        --epochs_to_time=2 --eval_repeats=2 --append ;;
+      stage profile "$CAP" $BENCH --presets=$PRESET --kernel=segment_sum,ell --matmul_precision=highest --trace \
+        --epochs_to_time=3 --eval_repeats=3 --append ;;
+    ablation)
+      datasets_ready
+      stage ablation "$CAP" $BENCH --presets=$PRESET --matmul_precision=highest --profile --epochs_to_time=1 \
+        --eval_repeats=1 --append ;;
     bench)
       datasets_ready
       stage bench "$CAP" $BENCH --presets=$PRESET --kernel=segment_sum --matmul_precision=highest,default \
