@@ -510,6 +510,7 @@ def _run_config(spec: dict) -> dict:
 
     result = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
               "patches": list(spec.get("patches", ())), "loadavg_start": list(os.getloadavg()),
+              "xla_flags": os.environ.get("XLA_FLAGS", ""),
               "code": {"commit": git_state()["commit"], "lgmrec_jax_sha256_12": code_fingerprint()}}
     tick = time.perf_counter()
     ds, cfg = load(spec["dataset"], spec["data_dir"])
@@ -1026,7 +1027,10 @@ def numerics(result: dict) -> str:
 def kernels(result: dict) -> str:
     """The kernel column: the propagation kernel, and the evaluation's top-k method where recorded
     (results from before config eval_topk existed ran "direct")."""
-    return result["kernel"] + (f", {result['eval_topk']} top-k" if "eval_topk" in result else "")
+    flags = " ".join(f for f in result.get("xla_flags", "").split()
+                     if not f.startswith("--xla_force_host_platform_device_count"))
+    return (result["kernel"] + (f", {result['eval_topk']} top-k" if "eval_topk" in result else "")
+            + (f", XLA_FLAGS={flags}" if flags else ""))
 
 
 def _f(x, digits=None):

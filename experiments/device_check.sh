@@ -19,6 +19,9 @@
 #   profile   clothing, highest precision, kernels segment_sum and ell: epoch and evaluation times, and
 #             where the device time goes by operation (--trace: JAX profiler traces summed by
 #             experiments/trace_summary.py), appended to bench_gpu
+#   compile   clothing, highest: compile time and epoch time under XLA flags that trade autotuning for
+#             compile time ($COMPILE_FLAGS, default --xla_gpu_autotune_level=0 and
+#             --xla_gpu_enable_triton_gemm=false), against the bench/profile rows without them
 #   bench     clothing, segment_sum, highest and default precision: 5 timed epochs and evaluations, and
 #             the persistent compilation cache cold vs warm
 #   full      clothing, the default config: one early-stopped run end to end (after 1 timed epoch)
@@ -39,7 +42,7 @@
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env preflight parity profile bench full numerics scale variants ablation grid"}
+STAGES=${STAGES:-"env preflight parity profile compile full numerics bench scale variants ablation grid"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-0}
@@ -117,6 +120,12 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
       datasets_ready
       stage profile "$CAP" $BENCH --presets=$PRESET --kernel=segment_sum,ell --matmul_precision=highest --trace \
         --epochs_to_time=3 --eval_repeats=3 --append ;;
+    compile)
+      datasets_ready
+      for f in ${COMPILE_FLAGS:---xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false}; do
+        stage "compile$f" 150 env XLA_FLAGS="$f" $BENCH --presets=$PRESET --matmul_precision=highest \
+          --epochs_to_time=2 --eval_repeats=2 --append
+      done ;;
     ablation)
       datasets_ready
       stage ablation "$CAP" $BENCH --presets=$PRESET --matmul_precision=highest --profile --epochs_to_time=1 \

@@ -94,3 +94,11 @@ def test_run_timeline_from_metrics_rows():
     assert bench.run_timeline(rows) == {"before_first_epoch_s": 9.0, "first_epoch_train_s": 20.0,
                                         "host_between_epochs_s": 0.2}
     assert bench.run_timeline([{"train_s": 1.0, "eval_s": 0.1}]) == {}  # rows from before time_s
+
+
+def test_kernel_column_names_xla_flags_but_not_the_fake_device_count():
+    row = {"kernel": "ell", "eval_topk": "grouped",
+           "xla_flags": "--xla_force_host_platform_device_count=4 --xla_gpu_autotune_level=0"}
+    assert bench.kernels(row) == "ell, grouped top-k, XLA_FLAGS=--xla_gpu_autotune_level=0"
+    assert bench.kernels(dict(row, xla_flags="--xla_force_host_platform_device_count=4")) == "ell, grouped top-k"
+    assert bench.kernels({"kernel": "bcoo"}) == "bcoo"  # results recorded before either field existed
