@@ -607,7 +607,11 @@ def _run_config(spec: dict) -> dict:
         result["memory"] = memory()
 
         if spec.get("trace"):
-            result["trace"], state = trace_epoch_and_eval(exp, state, spec["epochs_to_time"] + 1)
+            try:  # a profiler that fails (no CUPTI, no trace file) must not cost the timings above
+                result["trace"], state = trace_epoch_and_eval(exp, state, spec["epochs_to_time"] + 1)
+            except Exception as err:  # noqa: BLE001 - recorded in the result instead
+                result["trace"] = {"error": f"{type(err).__name__}: {err}"[:500]}
+                state = exp.runner.put(exp.init_state())  # the traced epoch may have consumed the donated state
         if spec.get("profile"):
             result["profile"] = profile_epoch(exp, state, spec["epochs_to_time"] + 2, spec.get("profile_steps", 0))
             if exp.plans:
@@ -1154,7 +1158,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {phase} | {_f(p.get('trace_lower_s'))} | {_f(p.get('compile_s'))} | "
                          f"{_f(p.get('eval_compile_s'))} |")
         lines.append(f"\nCache size: {cache.get('cache_mb')} MB.")
-    for r in (r for r in report["results"] if r.get("trace")):
+    for r in (r for r in report["results"] if r.get("trace") and "error" in r["trace"]):
+        lines += ["", f"The trace of {r['dataset']}, {kernels(r)}, {numerics(r)} failed: {r['trace']['error']}"]
+    for r in (r for r in report["results"] if r.get("trace") and "error" not in r["trace"]):
         from experiments import trace_summary
 
         head = f"{r['dataset']}, {kernels(r)}, {numerics(r)}"
@@ -1206,7 +1212,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("full_run", False, "Also time a full early-stopped run (slow on CPU).")
     flags.DEFINE_list("full_run_presets", [], "With --full_run: only these presets (e.g. default); empty = all.")
     flags.DEFINE_integer("max_epochs", 0, "Epoch cap of the full run (0: the config's).")
-    flags.DEFINE_list("kernel", ["segment_sum"], "Propagation kernels to compare: segment_sum, bcoo.")
+    flags.DEFINE_list("kernel", ["segment_sum"], "Propagation kernels to compare: segment_sum, bcoo, ell.")
     flags.DEFINE_list("matmul_precision", ["highest"], "Matmul precisions to compare: highest, high, default.")
     flags.DEFINE_list("feature_dtype", ["float32"], "Feature storage types to compare: float32, bfloat16 "
                       "(config feature_dtype).")

@@ -20,8 +20,9 @@
 #             where the device time goes by operation (--trace: JAX profiler traces summed by
 #             experiments/trace_summary.py), appended to bench_gpu
 #   compile   clothing, highest: compile time and epoch time under XLA flags that trade autotuning for
-#             compile time ($COMPILE_FLAGS, default --xla_gpu_autotune_level=0 and
-#             --xla_gpu_enable_triton_gemm=false), against the bench/profile rows without them
+#             compile time, one configuration per word of $COMPILE_FLAGS (default
+#             "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false": each flag alone), added
+#             to the image's XLA_FLAGS; compare with the profile/bench rows without them
 #   bench     clothing, segment_sum, highest and default precision: 5 timed epochs and evaluations, and
 #             the persistent compilation cache cold vs warm
 #   full      clothing, the default config: one early-stopped run end to end (after 1 timed epoch)
@@ -67,7 +68,7 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it under min(cap, time left), o
   [ "$rest" -lt "$cap" ] && cap=$rest
   log "stage $name (cap $cap s): $*"
   local start=$SECONDS
-  timeout "$cap" "$@" >>"$OUT/log.txt" 2>&1
+  timeout -k 10 "$cap" "$@" >>"$OUT/log.txt" 2>&1  # -k: a process that ignores SIGTERM is killed
   local rc=$?
   log "stage $name: exit $rc after $((SECONDS - start)) s"
   return $rc
@@ -123,7 +124,7 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
     compile)
       datasets_ready
       for f in ${COMPILE_FLAGS:---xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false}; do
-        stage "compile$f" 150 env XLA_FLAGS="$f" $BENCH --presets=$PRESET --matmul_precision=highest \
+        stage "compile$f" 150 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$f" $BENCH --presets=$PRESET --matmul_precision=highest \
           --epochs_to_time=2 --eval_repeats=2 --append
       done ;;
     ablation)
@@ -149,7 +150,7 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
       [ "$NUMERICS_SHARD" != 0/1 ] && tables=/tmp/lgmrec_numerics/shards/${NUMERICS_SHARD/\//-of-}
       if [ ! -f $tables/results.md ]; then
         tables=/tmp/lgmrec_numerics
-        $PY -m experiments.grid_merge --workdir=$tables --allow_partial >>"$OUT/log.txt" 2>&1
+        timeout -k 5 60 $PY -m experiments.grid_merge --workdir=$tables --allow_partial >>"$OUT/log.txt" 2>&1
       fi
       cp $tables/results.md "$OUT/numerics.md" 2>/dev/null || log "numerics: no results yet"
       cp $tables/results.csv "$OUT/numerics.csv" 2>/dev/null ;;

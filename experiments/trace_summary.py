@@ -11,7 +11,7 @@ thread. This module sums their durations by operation *family* (the HLO name wit
 suffix: ``loop_add_fusion.12`` -> ``loop_add_fusion``), sorts the families into coarse kinds by name
 (matmul, scatter, gather, reduce, sort, copy, other fusion), and compares the device's busy time with
 the traced window: a busy share far below 1 means launch gaps, i.e. the device waiting for the host or
-for small kernels' overheads.
+for small kernels' overheads (above 1: kernels overlapped on several streams).
 
 No tensorboard plugin is needed; the output is plain JSON (and a Markdown table) that a session without a
 GPU can read.
@@ -33,6 +33,9 @@ from typing import Iterable, Optional
 # words; bitcasts and slices inside a fusion move no data and name no kind.
 KINDS = (
     ("matmul", ("gemm", "cublas", "cutlass", "dot", "matmul", "xmma", "ynn")),
+    ("collective", ("all-reduce", "all_reduce", "all-gather", "all_gather", "reduce-scatter", "all-to-all",
+                    "collective-permute", "nccl")),
+    ("other fusion / elementwise", ("reduce-precision", "reduce_precision")),
     ("scatter", ("scatter",)),
     ("gather", ("gather", "dynamic-slice", "dynamic_slice")),
     ("sort/top-k", ("sort", "topk", "top_k", "top-k")),
@@ -86,21 +89,27 @@ def device_op_events(events: Iterable[dict]) -> list[dict]:
     return leaves(on_device or ops)
 
 
+NESTING_SLACK_US = 0.01  # timestamps are rounded: an end this close to the holder's still counts as inside
+
+
 def leaves(ops: list[dict]) -> list[dict]:
     """The operations that hold no other operation of the same thread (on a CPU a while loop's event
-    spans its body's; counting both would count the body twice)."""
+    spans its body's; counting both would count the body twice). An event holds another only if the
+    other starts and ends inside it and lasts a while: back-to-back events whose rounded times touch
+    or overlap slightly, and zero-length marks, hold nothing."""
     holders = set()
     by_thread = collections.defaultdict(list)
     for i, e in enumerate(ops):
         by_thread[(e["pid"], e["tid"])].append(i)
+    start = lambda i: float(ops[i]["ts"])
+    end = lambda i: start(i) + float(ops[i].get("dur", 0.0))
     for indices in by_thread.values():
-        indices.sort(key=lambda i: (float(ops[i]["ts"]), -float(ops[i].get("dur", 0.0))))
-        open_ = []  # indices of the events that enclose the current one, outermost first
+        indices.sort(key=lambda i: (start(i), -end(i)))
+        open_ = []  # the events that may still enclose the next ones, outermost first
         for i in indices:
-            start = float(ops[i]["ts"])
-            while open_ and float(ops[open_[-1]]["ts"]) + float(ops[open_[-1]].get("dur", 0.0)) <= start:
+            while open_ and end(open_[-1]) <= start(i) + NESTING_SLACK_US:
                 open_.pop()
-            if open_:
+            if open_ and float(ops[i].get("dur", 0.0)) > 0 and end(i) <= end(open_[-1]) + NESTING_SLACK_US:
                 holders.add(open_[-1])
             open_.append(i)
     return [e for i, e in enumerate(ops) if i not in holders and family(e["args"]["hlo_op"]) not in CONTAINERS]

@@ -2,7 +2,7 @@
 
 Map of the package (see WORKSPACE.md for the data flow):
   data      MMRec-format datasets on disk -> validated host arrays (SPEC §1)
-  graph     R and the normalised adjacency as sorted BCOO, two propagation kernels (SPEC §3.3)
+  graph     R and the normalised adjacency as sorted BCOO (or ELL blocks), three propagation kernels (SPEC §3.3)
   model     the LGMRec forward pass in Flax, with explicit or recorded noise (SPEC §3)
   losses    BPR, hypergraph InfoNCE, regulariser (SPEC §4)
   metrics   MMRec top-k metrics (SPEC §5)

@@ -10,17 +10,18 @@ computes in float64, and held as row-sorted ``jax.experimental.sparse.BCOO``:
 ``propagate(matrix, x, kernel)`` multiplies a sparse matrix by a dense block with one of three kernels:
 ``"bcoo"`` (BCOO matmul, gather + scatter-add), ``"segment_sum"`` (gather, then a sorted
 ``segment_sum`` over the row indices, as in jraph's message passing), or ``"ell"``: the rows grouped
-by degree into a few ELLPACK blocks (each row's entries padded to its block's width), so that a
-product is a gather and a dense row sum per block, with no scatter-add (whose float atomics
-serialise on rows of high degree on a GPU, and which TPUs execute slowly); its gradient uses the
-transpose's own blocks. All three give the same values and gradients up to float32 summation order;
-the default is chosen by measurement (experiments/bench.py). ``"ell"`` needs the graph built for it
-(``build_graph(..., kernel="ell")``: :class:`EllMatrix` in place of the BCOO matrices).
+by degree into a few ELLPACK blocks (each row's entries padded to its block's width, a power of two:
+about 1.3-1.4x the entries in all), so that a product is a gather and a dense row sum per block, with
+no scatter-add (whose float atomics serialise on rows of high degree on a GPU, and which TPUs execute
+slowly); its gradient uses the transpose's own blocks (A_hat's are its own). All three give the same
+values and gradients up to float32 summation order; the default is chosen by measurement
+(experiments/bench.py). ``"ell"`` needs the graph built for it (``build_graph(..., kernel="ell")``:
+:class:`EllMatrix` in place of the BCOO matrices) and treats the matrix as a constant.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +34,11 @@ DEGREE_EPS = 1e-7
 
 
 class Graph(NamedTuple):
-    """Device-side graph constants; a pytree, passed to jitted functions as an argument."""
+    """Device-side graph constants; a pytree, passed to jitted functions as an argument. The matrices
+    are BCOO, or EllMatrix for the "ell" kernel (see :class:`EllMatrix`, defined below)."""
 
-    norm_adj: sparse.BCOO  # (N, N)
-    interactions: sparse.BCOO  # R, (U, I)
+    norm_adj: Any  # (N, N): sparse.BCOO | EllMatrix
+    interactions: Any  # R, (U, I): sparse.BCOO | EllMatrix
     user_inv_deg: jax.Array  # (U, 1) float32: 1 / (deg_u + 1e-7)
 
 
@@ -148,21 +150,26 @@ def ell_layout(rows: np.ndarray, cols: np.ndarray, vals: np.ndarray, n_rows: int
     return EllLayout(tuple(block_cols), tuple(block_vals), jnp.asarray(slot.astype(np.int32)))
 
 
-def to_ell(rows, cols, vals, shape) -> EllMatrix:
-    """The ELL form of a row-sorted COO matrix and of its transpose."""
+def to_ell(rows, cols, vals, shape, symmetric: bool = False) -> EllMatrix:
+    """The ELL form of a row-sorted COO matrix and of its transpose (the same blocks, held once, when
+    the caller knows the matrix is symmetric)."""
+    fwd = ell_layout(rows, cols, vals, shape[0])
+    if symmetric:
+        return EllMatrix(fwd, fwd)
     order = np.lexsort((rows, cols))
-    return EllMatrix(ell_layout(rows, cols, vals, shape[0]),
-                     ell_layout(cols[order], rows[order], vals[order], shape[1]))
+    return EllMatrix(fwd, ell_layout(cols[order], rows[order], vals[order], shape[1]))
 
 
 def device_graph(host: HostGraph, kernel: str = "segment_sum") -> Graph:
     n = host.n_users + host.n_items
-    matrix = to_ell if kernel == "ell" else to_bcoo
-    return Graph(
-        norm_adj=matrix(host.adj_rows, host.adj_cols, host.adj_vals, (n, n)),
-        interactions=matrix(host.r_rows, host.r_cols, np.ones(len(host.r_rows), np.float32),
-                            (host.n_users, host.n_items)),
-        user_inv_deg=jnp.asarray(host.user_inv_deg))
+    r_vals = np.ones(len(host.r_rows), np.float32)
+    if kernel == "ell":  # A_hat is symmetric: its transpose's blocks are its own
+        norm_adj = to_ell(host.adj_rows, host.adj_cols, host.adj_vals, (n, n), symmetric=True)
+        interactions = to_ell(host.r_rows, host.r_cols, r_vals, (host.n_users, host.n_items))
+    else:
+        norm_adj = to_bcoo(host.adj_rows, host.adj_cols, host.adj_vals, (n, n))
+        interactions = to_bcoo(host.r_rows, host.r_cols, r_vals, (host.n_users, host.n_items))
+    return Graph(norm_adj=norm_adj, interactions=interactions, user_inv_deg=jnp.asarray(host.user_inv_deg))
 
 
 def build_graph(train: np.ndarray, n_users: int, n_items: int, kernel: str = "segment_sum") -> Graph:
@@ -183,11 +190,14 @@ def ell_matmul(matrix: EllMatrix, x: jax.Array) -> jax.Array:
 
 
 def _ell_fwd(matrix, x):
-    return _ell_apply(matrix.fwd, x), matrix
+    # The empty array carries x's dtype to the backward pass: the cotangent must have it (a bf16 x gets
+    # a bf16 gradient, as from the other kernels), though the product is computed in float32.
+    return _ell_apply(matrix.fwd, x), (matrix, jnp.zeros((0,), x.dtype))
 
 
-def _ell_bwd(matrix, g):
-    return None, _ell_apply(matrix.bwd, g)
+def _ell_bwd(residual, g):
+    matrix, like = residual
+    return None, _ell_apply(matrix.bwd, g).astype(like.dtype)
 
 
 ell_matmul.defvjp(_ell_fwd, _ell_bwd)

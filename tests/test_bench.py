@@ -102,3 +102,18 @@ def test_kernel_column_names_xla_flags_but_not_the_fake_device_count():
     assert bench.kernels(row) == "ell, grouped top-k, XLA_FLAGS=--xla_gpu_autotune_level=0"
     assert bench.kernels(dict(row, xla_flags="--xla_force_host_platform_device_count=4")) == "ell, grouped top-k"
     assert bench.kernels({"kernel": "bcoo"}) == "bcoo"  # results recorded before either field existed
+
+
+def test_run_isolated_starts_workers_with_the_callers_environment(monkeypatch):
+    seen = {}
+
+    def fake_run(cmd, cwd, env):
+        seen["env"] = env
+        return bench.subprocess.CompletedProcess(cmd, 1)
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(bench, "WORKER_ENV", {"XLA_PYTHON_CLIENT_PREALLOCATE": "true", "PATH": "/bin"})
+    result = bench.run_isolated({"dataset": "d", "kernel": "segment_sum", "precision": "highest",
+                                 "eval_topk": "grouped"})
+    assert result["error"] == "worker exited with 1"
+    assert seen["env"] == {"XLA_PYTHON_CLIENT_PREALLOCATE": "true", "PATH": "/bin"}

@@ -102,3 +102,22 @@ def test_unknown_kernel_is_an_error():
     g = random_graph()
     with pytest.raises(ValueError, match="unknown propagation kernel 'cusparse'"):
         graph_lib.propagate(g.norm_adj, jnp.ones((50, 2)), "cusparse")
+
+
+def test_ell_gradient_keeps_the_input_dtype():
+    """A bf16 block gets a bf16 gradient from every kernel (the products themselves are float32)."""
+    x = jax.random.normal(jax.random.PRNGKey(0), (50, 4)).astype(jnp.bfloat16)
+    grads = {}
+    for kernel in ("segment_sum", "ell"):
+        matrix = random_graph(kernel=kernel).norm_adj
+        assert graph_lib.propagate(matrix, x, kernel).dtype == jnp.float32
+        grads[kernel] = jax.grad(lambda v: jnp.sum(graph_lib.propagate(matrix, v, kernel)))(x)
+    assert grads["ell"].dtype == grads["segment_sum"].dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(grads["ell"], np.float32), np.asarray(grads["segment_sum"], np.float32),
+                               rtol=1e-2)
+
+
+def test_symmetric_matrix_holds_its_blocks_once():
+    g = random_graph(kernel="ell")
+    assert g.norm_adj.bwd is g.norm_adj.fwd  # A_hat is its own transpose
+    assert g.interactions.bwd.slot.shape == (20,)  # R's transpose has a row per item

@@ -73,3 +73,18 @@ def test_real_cpu_trace_of_a_scan(tmp_path):
 def test_missing_trace_is_a_clear_error(tmp_path, capsys):
     assert ts.main(["trace_summary", str(tmp_path)]) == 1
     assert "no perfetto_trace.json.gz" in capsys.readouterr().err
+
+
+def test_touching_and_zero_length_events_hold_nothing():
+    events = [process(1, "/host:CPU"),
+              op(1, 3, 0, 10, "fusion.1"), op(1, 3, 9.9, 5, "fusion.2"),  # rounded times overlap a little
+              op(1, 3, 20, 8, "copy.3"), op(1, 3, 20, 0, "copy.4"),  # a zero-length mark at the same time
+              op(1, 3, 30, 10, "while.1"), op(1, 3, 31, 2, "fusion.5")]  # real nesting
+    s = ts.summarize(events)
+    assert s["ops"] == 5 and s["busy_ms"] == 0.025
+    assert {r["family"]: r["count"] for r in s["top"]} == {"fusion": 3, "copy": 2}
+
+
+def test_collectives_and_reduce_precision_are_not_reductions():
+    assert ts.kind("all-reduce") == "collective" and ts.kind("all-gather-start") == "collective"
+    assert ts.kind("reduce-precision") == "other fusion / elementwise"
