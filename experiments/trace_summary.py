@@ -78,15 +78,31 @@ def load_events(path: str) -> list[dict]:
     return data["traceEvents"] if isinstance(data, dict) else data
 
 
+def _names(events: list[dict], kind: str, key) -> dict:
+    return {key(e): e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M" and e.get("name") == kind}
+
+
 def device_op_events(events: Iterable[dict]) -> list[dict]:
     """The executed XLA operations: complete events naming an HLO op, on the device processes where
-    the trace has any (GPU/TPU), else wherever they are (CPU)."""
+    the trace has any (GPU/TPU), else wherever they are (CPU). Where a device process has both its
+    streams' kernels and derived lines (such as "XLA Ops", one event per operation again), only the
+    stream lines count, so nothing is counted twice."""
     events = list(events)
-    names = {e["pid"]: e.get("args", {}).get("name", "") for e in events
-             if e.get("ph") == "M" and e.get("name") == "process_name"}
+    processes = _names(events, "process_name", lambda e: e["pid"])
+    threads = _names(events, "thread_name", lambda e: (e["pid"], e["tid"]))
     ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})]
-    on_device = [e for e in ops if names.get(e["pid"], "").startswith("/device:")]
-    return leaves(on_device or ops)
+    on_device = [e for e in ops if processes.get(e["pid"], "").startswith("/device:")]
+    streams = [e for e in on_device if "stream" in threads.get((e["pid"], e["tid"]), "").lower()]
+    return leaves(streams or on_device or ops)
+
+
+def lines_of(events: Iterable[dict], ops: list[dict]) -> list[str]:
+    """The process / thread names the counted operations came from (to check what was summed)."""
+    events = list(events)
+    processes = _names(events, "process_name", lambda e: e["pid"])
+    threads = _names(events, "thread_name", lambda e: (e["pid"], e["tid"]))
+    return sorted({f"{processes.get(e['pid'], e['pid'])} / {threads.get((e['pid'], e['tid']), e['tid'])}"
+                   for e in ops})
 
 
 NESTING_SLACK_US = 0.01  # timestamps are rounded: an end this close to the holder's still counts as inside
@@ -118,6 +134,7 @@ def leaves(ops: list[dict]) -> list[dict]:
 def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None) -> dict:
     """Device time by operation family and kind (milliseconds); ``per``: also divide by this count
     (e.g. the steps traced) for per-step figures."""
+    events = list(events)
     ops = device_op_events(events)
     if not ops:
         return {"ops": 0}
@@ -136,6 +153,7 @@ def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None) 
     out = {
         "ops": len(ops),
         "modules": sorted({e["args"].get("hlo_module", "") for e in ops} - {""}),
+        "lines": lines_of(events, ops)[:8],
         "window_ms": round((end - start) / 1e3, 3),
         "busy_ms": round(busy_us / 1e3, 3),
         "busy_share": round(busy_us / (end - start), 3) if end > start else None,
@@ -158,6 +176,7 @@ def markdown(summary: dict, title: str = "Device time by operation") -> str:
              f"{summary['busy_ms']} ms of a {summary['window_ms']} ms window (busy share {summary['busy_share']})"
              + (f"; per unit ({summary['per']}): {summary['busy_ms_per']} ms busy, {summary['ops_per']} operations"
                 if summary.get("per") else "") + ".", "",
+             "Counted: " + "; ".join(summary.get("lines", [])) + ".", "",
              "| kind | ms | share |", "|---|---|---|"]
     for name, ms in summary["kinds_ms"].items():
         lines.append(f"| {name} | {ms} | {ms / summary['busy_ms']:.1%} |")

@@ -88,3 +88,13 @@ def test_touching_and_zero_length_events_hold_nothing():
 def test_collectives_and_reduce_precision_are_not_reductions():
     assert ts.kind("all-reduce") == "collective" and ts.kind("all-gather-start") == "collective"
     assert ts.kind("reduce-precision") == "other fusion / elementwise"
+
+
+def test_stream_kernels_count_once_beside_derived_op_lines():
+    thread = lambda pid, tid, name: {"ph": "M", "pid": pid, "tid": tid, "name": "thread_name", "args": {"name": name}}
+    events = [process(2, "/device:GPU:0"), thread(2, 1, "Stream #14(Compute)"), thread(2, 2, "XLA Ops"),
+              op(2, 1, 0, 10, "fusion.1"), op(2, 1, 12, 6, "cublas-gemm.3"),
+              op(2, 2, 0, 11, "fusion.1"), op(2, 2, 12, 7, "cublas-gemm.3")]  # the same two, derived
+    s = ts.summarize(events)
+    assert s["ops"] == 2 and s["busy_ms"] == 0.016
+    assert s["lines"] == ["/device:GPU:0 / Stream #14(Compute)"]
