@@ -979,6 +979,7 @@ def run_benchmark(settings: Settings, argv: Optional[list] = None) -> dict:
         report = {"issue": 5, "machine": current, "runs": [], "results": [], "compile_cache": [],
                   "reference": {"cpu": REFERENCE_CPU, "gpu_h100": REFERENCE_GPU}}
     run = {"command": " ".join(argv) if argv else None, "started": now(), "settings": dataclasses.asdict(settings),
+           "device": current["device_kind"], "versions": current["versions"],
            "git": current["git"]}
     report["runs"].append(run)
     index = len(report["runs"]) - 1
@@ -1028,6 +1029,16 @@ def numerics(result: dict) -> str:
     return result["matmul_precision"] + (", bf16 features" if bf16 else "")
 
 
+def run_machine_note(run: dict, machine: dict) -> str:
+    """A run appended on another device or with other versions than the report's header names."""
+    versions = run.get("versions") or {}
+    changed = {k: v for k, v in versions.items() if machine.get("versions", {}).get(k) != v}
+    device = run.get("device")
+    parts = ([f"on {device}"] if device and device != machine.get("device_kind") else []) + [
+        f"{k} {v}" for k, v in sorted(changed.items())]
+    return f" [{'; '.join(parts)}]" if parts else ""
+
+
 def kernels(result: dict) -> str:
     """The kernel column: the propagation kernel, and the evaluation's top-k method where recorded
     (results from before config eval_topk existed ran "direct")."""
@@ -1058,7 +1069,7 @@ def markdown(report: dict) -> str:
                  f"{i}. `{r['command'] or 'run_benchmark(...)'}` ({r['started']} - {r.get('finished', 'unfinished')}, "
                  f"commit {r['git']['commit'][:10] or '?'}"
                  + (f" + uncommitted {', '.join(r['git']['lgmrec_jax_uncommitted'])}" if r['git']['lgmrec_jax_uncommitted'] else "")
-                 + ")" for i, r in enumerate(report["runs"])] + ["",
+                 + ")" + run_machine_note(r, report["machine"]) for i, r in enumerate(report["runs"])] + ["",
              "*code*: sha256 of lgmrec_jax/*.py when the configuration started (the working tree is shared "
              "and changes). Times in seconds, wall clock, device work synchronised. *compile*: the train-epoch program "
              "lowered + compiled ahead of time (trace+lower / XLA compile). *epoch*: median (and min) of the "

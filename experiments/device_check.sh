@@ -14,7 +14,7 @@
 #             fails with the image's packages, the wheels in .whl/fallback (the versions CI tests: flax,
 #             optax, orbax-checkpoint) are put first on PYTHONPATH and it is tried once more.
 #   parity    both goldens at "highest" with the default kernel, and lgmrec_fixed with kernel "ell"
-#             (needs the goldens in $LGMREC_SHARED, default ./.shared: copy ../shared/golden there,
+#             ($PARITY_RUNS: GOLDEN:KERNEL words; about 45 s each on an H100) (needs the goldens in $LGMREC_SHARED, default ./.shared: copy ../shared/golden there,
 #             git-ignored, and carry it; nothing of it is committed)
 #   profile   clothing, highest precision, kernels segment_sum and ell: epoch and evaluation times, and
 #             where the device time goes by operation (--trace: JAX profiler traces summed by
@@ -73,6 +73,10 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it under min(cap, time left), o
   log "stage $name: exit $rc after $((SECONDS - start)) s"
   return $rc
 }
+# The committed GPU results are the start of this session's: bench's --append adds its runs to them, so
+# the bench_gpu.json that comes back holds every session's (each run names its device and versions).
+[ -f experiments/results/bench_gpu.json ] && [ ! -f "$OUT/bench_gpu.json" ] && [ "${LGMREC_SMOKE:-0}" != 1 ] \
+  && cp experiments/results/bench_gpu.json "$OUT/bench_gpu.json"
 BENCH="$PY -m experiments.bench --data_dir=$DATA --out=$OUT --tag=gpu"  # word-split on purpose: no spaces
 
 # Datasets, generated on the CPUs while the first stages use the GPU.
@@ -107,7 +111,7 @@ print('flax', flax.__version__, 'optax', optax.__version__, 'orbax', ocp.__versi
 optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
       fi ;;
     parity)
-      for run in lgmrec_fixed:segment_sum lgmrec_legacy:segment_sum lgmrec_fixed:ell; do
+      for run in ${PARITY_RUNS:-lgmrec_fixed:segment_sum lgmrec_legacy:segment_sum lgmrec_fixed:ell}; do
         g=${run%%:*} kernel=${run##*:}
         if [ -f "$SHARED/golden/$g.npz" ]; then
           echo "== $g, kernel $kernel" >>"$OUT/parity.txt"

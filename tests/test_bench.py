@@ -117,3 +117,12 @@ def test_run_isolated_starts_workers_with_the_callers_environment(monkeypatch):
                                  "eval_topk": "grouped"})
     assert result["error"] == "worker exited with 1"
     assert seen["env"] == {"XLA_PYTHON_CLIENT_PREALLOCATE": "true", "PATH": "/bin"}
+
+
+def test_appended_runs_name_a_different_machine():
+    header = {"device_kind": "NVIDIA H100 80GB HBM3", "versions": {"jax": "0.11.2", "flax": "0.12.10"}}
+    same = {"device": "NVIDIA H100 80GB HBM3", "versions": {"jax": "0.11.2", "flax": "0.12.10"}}
+    other = {"device": "NVIDIA H200", "versions": {"jax": "0.11.3", "flax": "0.12.10"}}
+    assert bench.run_machine_note(same, header) == ""
+    assert bench.run_machine_note(other, header) == " [on NVIDIA H200; jax 0.11.3]"
+    assert bench.run_machine_note({}, header) == ""  # runs recorded before runs named their machine
