@@ -177,6 +177,10 @@ def build_graph(train: np.ndarray, n_users: int, n_items: int, kernel: str = "se
 
 
 def _ell_apply(layout: EllLayout, x: jax.Array) -> jax.Array:
+    # Written as multiply + sum so that each block can be one gather-multiply-reduce fusion on a GPU.
+    # (An einsum "rw,rwd->rd" ran 1.6x faster on this project's CPU for two propagations and their
+    # gradient at Baby's size, but it is a batch of tiny matrix products, which GPUs run poorly;
+    # segment_sum was faster than both there: 0.035 s vs 0.046 s einsum vs 0.074 s this form.)
     parts = [jnp.sum(v[:, :, None] * x[c], axis=1) for c, v in zip(layout.cols, layout.vals)]
     parts.append(jnp.zeros((1, x.shape[1]), jnp.promote_types(jnp.float32, x.dtype)))  # rows without entries
     return jnp.concatenate(parts, axis=0)[layout.slot]
