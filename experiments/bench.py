@@ -68,6 +68,7 @@ from typing import NamedTuple, Optional
 
 from absl import app, flags, logging
 
+from experiments import trace_summary  # no jax either: plain JSON
 from lgmrec_jax.configs import default as default_config  # no jax: the config module is plain Python
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -696,8 +697,6 @@ def trace_epoch_and_eval(exp, state, epoch: int):
     from JAX profiler traces; returns (summaries, the state after the traced epoch)."""
     import jax
 
-    from experiments import trace_summary
-
     out, tmp = {}, tempfile.mkdtemp(prefix="lgmrec-trace-")
     try:
         with jax.profiler.trace(os.path.join(tmp, "epoch"), create_perfetto_trace=True):
@@ -1172,8 +1171,6 @@ def markdown(report: dict) -> str:
     for r in (r for r in report["results"] if r.get("trace") and "error" in r["trace"]):
         lines += ["", f"The trace of {r['dataset']}, {kernels(r)}, {numerics(r)} failed: {r['trace']['error']}"]
     for r in (r for r in report["results"] if r.get("trace") and "error" not in r["trace"]):
-        from experiments import trace_summary
-
         head = f"{r['dataset']}, {kernels(r)}, {numerics(r)}"
         lines += ["", f"## Device time by operation: {head}", "",
                   "From JAX profiler traces of one steady epoch (per unit: per training step) and one valid+test "
