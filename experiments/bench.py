@@ -549,8 +549,10 @@ def _run_config(spec: dict) -> dict:
             result["program_memory"] = {"train_epoch": program_memory(compiled)}
             if exp.plans:
                 name = next(iter(exp.plans))
-                evaluator = exp.evaluate_split.lower(exp.runner.get(state).params, exp.graph, exp.feats,
-                                                     *exp.eval_arrays[name], key).compile()
+                params = exp.runner.get(state).params
+                base = exp.noise_free(params, exp.graph, exp.feats)  # as Experiment.evaluate passes it
+                evaluator = exp.evaluate_split.lower(params, exp.graph, exp.feats, *exp.eval_arrays[name], key,
+                                                     base=base).compile()
                 result["program_memory"]["evaluate_split"] = program_memory(evaluator)
             del batches
         if spec.get("compile_only"):

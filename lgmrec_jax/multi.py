@@ -331,7 +331,8 @@ class MultiProgram:
                      active):
         """Per config: the split's SplitTops.hits (the top-50 lists themselves stay on the device)."""
         def evaluate(p, h, key):
-            split = evaluation.make_split_evaluator(self._config_model(h), self.cfg.eval_noise, self.cfg.eval_topk)
+            split = evaluation.make_split_evaluator(self._config_model(h), self.cfg.eval_noise, self.cfg.eval_topk,
+                                                    evaluation.resolve_score_chunk(self.cfg.eval_score_chunk))
             return split(p, graph, feats, block_users, mask_rows, mask_cols, split_items, key).hits
 
         def one(args):

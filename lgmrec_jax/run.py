@@ -46,7 +46,7 @@ from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
 
 # Keys whose change does not alter the numbers of a run (execution only): allowed on resume.
-EXECUTION_KEYS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "epochs")
+EXECUTION_KEYS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "epochs", "eval_score_chunk")
 # Config keys added after runs were made, with the values that do what those runs did before the key
 # existed: a workdir without the key resumes under them (and is refused under any other value).
 BEHAVIOUR_BEFORE_KEY = {"tau": (0.2,), "feature_dtype": ("float32",), "eval_topk": ("direct", "grouped")}
@@ -322,7 +322,9 @@ class Experiment:
         self.plans = {name: evaluation.plan_split(ds.train, pairs, ds.n_users, ds.n_items, cfg.eval_batch_size)
                       for name, pairs in (("valid", ds.valid), ("test", ds.test)) if len(pairs)}
         self.eval_arrays = {name: p.device_arrays() for name, p in self.plans.items()}
-        self.evaluate_split = jax.jit(evaluation.make_split_evaluator(self.model, cfg.eval_noise, cfg.eval_topk))
+        self.evaluate_split = jax.jit(evaluation.make_split_evaluator(
+            self.model, cfg.eval_noise, cfg.eval_topk, evaluation.resolve_score_chunk(cfg.eval_score_chunk)))
+        self.noise_free = jax.jit(evaluation.make_noise_free(self.model))
 
     def init_state(self):
         return trainer.init_state(self.model, self.optimizer, self.graph, self.feats, self.cfg.seed)
@@ -346,9 +348,10 @@ class Experiment:
     def evaluate(self, params, epoch: int) -> dict:
         key = trainer.stream_key(self.cfg.seed, trainer.EVAL_STREAM, epoch)
         results = {}
+        base = self.noise_free(params, self.graph, self.feats)  # shared by the splits
         for i, (name, plan) in enumerate(self.plans.items()):
             tops = self.evaluate_split(params, self.graph, self.feats, *self.eval_arrays[name],
-                                       jax.random.fold_in(key, i))
+                                       jax.random.fold_in(key, i), base=base)
             results[name] = evaluation.metrics_from_hits(plan, tops.hits)
             _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
         return results

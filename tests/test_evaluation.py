@@ -157,3 +157,49 @@ def test_grouped_top_k_ranks_nans_and_signed_zeros_as_top_k(values, dtype):
     got = np.asarray(jax.jit(evaluation.grouped_top_k, static_argnums=1)(x, 50))
     np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(x, 50)[1]))
     assert got.max() < 1001
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 16, 40, 64])
+@pytest.mark.parametrize("method", ["direct", "grouped"])
+def test_chunked_block_top_k_gives_the_block_lists(chunk, method):
+    """Scoring a block a few users at a time (eval_score_chunk) must give each row the list of the
+    whole block's masked top-k: chunks that do not divide the block (padded), training items of rows
+    in every chunk (the block's mask shifted per chunk), and rows whose items are mostly masked."""
+    rng = np.random.default_rng(chunk)
+    n_rows, n_items = 40, 700
+    users, items = rng.normal(size=(n_rows, 8)), rng.normal(size=(n_items, 8))
+    rows = np.concatenate([np.repeat(np.arange(n_rows), 12), np.full(600, 3)])
+    cols = np.concatenate([rng.integers(0, n_items, n_rows * 12), np.arange(600)])  # row 3: 600 of 700 masked
+    pad = 50  # mask padding as plan_split writes it: row 0, item n_items (dropped)
+    rows, cols = np.concatenate([rows, np.zeros(pad, int)]), np.concatenate([cols, np.full(pad, n_items)])
+    args = tuple(jnp.asarray(a, jnp.float32) for a in (users, items)) + tuple(
+        jnp.asarray(a, jnp.int32) for a in (rows, cols))
+    whole = evaluation.masked_top_k(args[0] @ args[1].T, args[2], args[3], method=method)
+    got = jax.jit(lambda *a: evaluation.block_top_k(*a, method=method, chunk=chunk))(*args)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(whole))
+    assert not np.isin(np.arange(600), np.asarray(got)[3]).any()  # row 3's mask applied in its chunk
+
+
+def test_score_chunk_config():
+    cfg = tiny(eval_score_chunk=-2)
+    with pytest.raises(configs.ConfigError, match="eval_score_chunk is -2"):
+        configs.validate(cfg)
+    assert evaluation.resolve_score_chunk(0) == 0 and evaluation.resolve_score_chunk(96) == 96
+    assert evaluation.resolve_score_chunk(-1) == (evaluation.CPU_SCORE_CHUNK if jax.default_backend() == "cpu" else 0)
+
+
+def test_evaluation_shares_the_noise_free_part_across_splits():
+    """Experiment.evaluate computes the noise-free forward once and passes it to both splits; the
+    lists must be those of a split that computes it itself, at any score chunk."""
+    ds = catalogue_dataset()
+    exp = run_lib.Experiment(tiny(eval_batch_size=32, eval_score_chunk=0), ds)
+    params = exp.init_state().params
+    base = exp.noise_free(params, exp.graph, exp.feats)
+    chunked = run_lib.Experiment(tiny(eval_batch_size=32, eval_score_chunk=5), ds)
+    for i, name in enumerate(exp.plans):
+        key = jax.random.PRNGKey(i)
+        alone = exp.evaluate_split(params, exp.graph, exp.feats, *exp.eval_arrays[name], key)
+        for e in (exp, chunked):
+            shared = e.evaluate_split(params, e.graph, e.feats, *e.eval_arrays[name], key, base=base)
+            np.testing.assert_array_equal(np.asarray(shared.items), np.asarray(alone.items))
+    assert chunked.evaluate(params, epoch=2) == exp.evaluate(params, epoch=2)

@@ -38,6 +38,8 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
         (cfg.eval_noise in EVAL_NOISE_MODES, f"eval_noise is {cfg.eval_noise!r}, expected one of {EVAL_NOISE_MODES}"),
         (cfg.kernel in KERNELS, f"kernel is {cfg.kernel!r}, expected one of {KERNELS}"),
         (cfg.eval_topk in EVAL_TOPK_METHODS, f"eval_topk is {cfg.eval_topk!r}, expected one of {EVAL_TOPK_METHODS}"),
+        (cfg.eval_score_chunk >= -1,
+         f"eval_score_chunk is {cfg.eval_score_chunk}, expected -1 (auto), 0 (whole block) or a user count"),
         (cfg.cf_model in ("lightgcn", "mf"), f"cf_model is {cfg.cf_model!r}, expected 'lightgcn' or 'mf'"),
         (cfg.matmul_precision in PRECISIONS,
          f"matmul_precision is {cfg.matmul_precision!r}, expected one of {PRECISIONS}"),

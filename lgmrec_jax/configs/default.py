@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.use_ghe = True
     c.eval_noise = "per_block"  # "per_block" (faithful) | "per_eval" | "off"
     c.eval_topk = "grouped"  # "grouped" | "direct" (both exact: the same lists) | "approx" (approximate on TPUs)
+    # (ours) Users scored at a time inside an evaluation block (the same lists whatever the value):
+    # -1 = 256 on CPUs (cache-sized score matrices) and the whole block on accelerators; 0 = whole block.
+    c.eval_score_chunk = -1
     # (ours) Execution.
     c.kernel = "segment_sum"  # sparse propagation: "segment_sum" | "bcoo"
     c.matmul_precision = "highest"  # "highest" (fp32, as PyTorch) | "high" | "default" (TF32/bf16 passes)
