@@ -1017,8 +1017,46 @@ def write_report(report: dict, settings: Settings) -> None:
         handle.write("\n")
     os.replace(tmp, json_path)
     with open(md_path + ".tmp", "w") as handle:
-        handle.write(markdown(report))
+        handle.write(markdown(report, load_proxy(settings.out, report["machine"]["backend"])))
     os.replace(md_path + ".tmp", md_path)
+
+
+def load_proxy(out: str, backend: str) -> Optional[dict]:
+    """experiments/torch_proxy.py's report for this backend (torch_proxy_cpu.json or _gpu.json), if any."""
+    path = os.path.join(out, f"torch_proxy_{'cpu' if backend == 'cpu' else 'gpu'}.json")
+    try:
+        with open(path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
+def proxy_markdown(report: dict, proxy: dict) -> list[str]:
+    """Our latest default-configuration row per dataset against the PyTorch proxy's figures."""
+    ours = {}
+    for r in report["results"]:
+        default = (r.get("kernel") == "segment_sum" and r.get("matmul_precision") == "highest"
+                   and r.get("feature_dtype", "float32") == "float32" and not r.get("patches")
+                   and r.get("eval_topk", "direct") == "grouped")
+        if default and "error" not in r and r.get("epoch_s") and not r.get("compile_only"):
+            ours[r["dataset"]] = r
+    rows = []
+    for p in proxy["results"]:
+        r = ours.get(p["dataset"])
+        if r is None:
+            continue
+        ratio = lambda a, b: f"{a / b:.1f}x" if a and b else "-"
+        rows.append(f"| {p['dataset']} | {_f(p['epoch_s'])} | {_f(r['epoch_s'])} | {ratio(p['epoch_s'], r['epoch_s'])} | "
+                    f"{_f(p['eval_s'])} | {_f(r.get('eval_s'))} | {ratio(p['eval_s'], r.get('eval_s'))} | {r.get('run', 0)} |")
+    if not rows:
+        return []
+    where = proxy["machine"].get("gpu") or proxy["machine"].get("cpu")
+    return ["", "## Against the PyTorch proxy of the reference", "",
+            f"`experiments/torch_proxy.py` (SPEC.md's model run the reference's way, checked against the goldens; "
+            f"`{proxy['command']}`, {proxy['started']}, {where}) against this file's latest default-configuration "
+            "row per dataset (segment_sum, highest, float32 features, grouped top-k).", "",
+            "| dataset | proxy epoch | ours | speed-up | proxy eval | ours | speed-up | our run |",
+            "|---|---|---|---|---|---|---|---|"] + rows
 
 
 # ----------------------------------------------------------------------------------- markdown
@@ -1058,7 +1096,7 @@ def _f(x, digits=None):
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
 
-def markdown(report: dict) -> str:
+def markdown(report: dict, proxy: Optional[dict] = None) -> str:
     m = report["machine"]
     v = m["versions"]
     lines = [f"# lgmrec-jax benchmark ({m['backend']})", "",
@@ -1198,6 +1236,8 @@ def markdown(report: dict) -> str:
             lines += ["", f"Evaluation (valid+test, {e['blocks']} blocks): device {_f(e['device_per_block_s'])} s with one "
                       f"forward per block (the run's eval_noise=per_block), {_f(e['device_one_forward_per_split_s'])} s "
                       f"with one forward per split; host metrics {_f(e['host_metrics_s'])} s."]
+    if proxy:
+        lines += proxy_markdown(report, proxy)
     lines.append("")
     return "\n".join(lines)
 

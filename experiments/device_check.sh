@@ -3,7 +3,7 @@
 # WORKSPACE.md, "Benchmark on a lent GPU"). Stages run in the order given, each under its own time cap
 # and, with DEADLINE=<seconds>, inside one overall budget (a stage that would start with under 30 s
 # left is skipped and logged). At most 8 files come back from $OUT (the device tool's limit):
-#   env.txt  parity.txt  bench_gpu.json  bench_grid_gpu.json/.md  numerics.md/.csv  log.txt
+#   env.txt  parity.txt  bench_gpu.json  torch_proxy_gpu.json  numerics.md/.csv  log.txt  (grid: bench_grid_gpu.*)
 #
 #   DEADLINE=560 bash experiments/device_check.sh                        # on the lent machine
 #   LGMREC_SMOKE=1 LGMREC_SHARED=../shared OUT=/tmp/dc bash experiments/device_check.sh   # here: tiny, CPU
@@ -26,6 +26,9 @@
 #   bench     clothing, segment_sum, highest and default precision: 5 timed epochs and evaluations, and
 #             the persistent compilation cache cold vs warm
 #   full      clothing, the default config: one early-stopped run end to end (after 1 timed epoch)
+#   torchref  experiments/torch_proxy.py on the GPU (the image's PyTorch): SPEC.md's model run the
+#             reference's way, at clothing scale, 2 timed epochs and evaluations -> torch_proxy_gpu.json
+#             (the .md is made again from it where the files land: torch_proxy.markdown)
 #   numerics  the precision study: experiments/grids/numerics.py at clothing scale, seeds $SEEDS
 #             (default 0,1), full early-stopped runs, shard $NUMERICS_SHARD of the grid (default 0/1,
 #             all; 0/2 is the float32 half, 1/2 the bfloat16 half); results.md (or, when the cap cuts
@@ -43,7 +46,7 @@
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env preflight parity profile compile full numerics bench scale variants ablation grid"}
+STAGES=${STAGES:-"env preflight parity profile compile full torchref numerics bench scale variants ablation grid"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-0}
@@ -54,9 +57,9 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 DATA=${DATA_DIR:-/tmp/lgmrec_data}
 if [ "${LGMREC_SMOKE:-0}" = 1 ]; then  # the same commands on the smallest presets, to test this script
-  PRESET=tiny; SCALES=${SCALES:-0.002,0.004}; SIZES=1,2; EPOCHS=1; CAP=300; SEEDS=${SEEDS:-0,1}
+  PRESET=tiny; SCALES=${SCALES:-0.002,0.004}; SIZES=1,2; EPOCHS=1; CAP=300; SEEDS=${SEEDS:-0,1}; TORCH_DEVICE=cpu
 else
-  PRESET=clothing; SCALES=${SCALES:-0.5,2}; SIZES=1,4,16; EPOCHS=5; CAP=420; SEEDS=${SEEDS:-0,1}
+  PRESET=clothing; SCALES=${SCALES:-0.5,2}; SIZES=1,4,16; EPOCHS=5; CAP=420; SEEDS=${SEEDS:-0,1}; TORCH_DEVICE=cuda
 fi
 NUMERICS_SHARD=${NUMERICS_SHARD:-0/1}
 log() { echo "[$(date +%T)] $*" | tee -a "$OUT/log.txt"; }
@@ -142,6 +145,11 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
     full)
       datasets_ready
       stage full "$CAP" $BENCH --presets=$PRESET --full_run --epochs_to_time=1 --eval_repeats=1 --append ;;
+    torchref)
+      datasets_ready
+      stage torchref 180 $PY -m experiments.torch_proxy --device=$TORCH_DEVICE --datasets=synthetic_$PRESET \
+        --data_dir="$DATA" --epochs_to_time=2 --eval_repeats=2 --out="$OUT" --tag=gpu
+      rm -f "$OUT/torch_proxy_gpu.md" ;;
     numerics)
       datasets_ready
       rest=$(left)

@@ -126,3 +126,18 @@ def test_appended_runs_name_a_different_machine():
     assert bench.run_machine_note(same, header) == ""
     assert bench.run_machine_note(other, header) == " [on NVIDIA H200; jax 0.11.3]"
     assert bench.run_machine_note({}, header) == ""  # runs recorded before runs named their machine
+
+
+def test_proxy_comparison_uses_the_latest_default_row():
+    row = lambda run, epoch, eval_s, **kw: {"run": run, "dataset": "synthetic_baby", "kernel": "segment_sum",
+                                            "matmul_precision": "highest", "eval_topk": "grouped", "patches": [],
+                                            "epoch_s": epoch, "eval_s": eval_s, **kw}
+    report = {"results": [row(0, 12.0, 1.2), row(1, 8.0, 0.5, kernel="ell"), row(2, 10.0, 1.0),
+                          row(3, 5.0, 0.4, patches=["infonce_vmap"]), row(4, 9.0, 0.9, matmul_precision="default")]}
+    proxy = {"command": "python -m experiments.torch_proxy", "started": "t", "machine": {"cpu": "AMD EPYC"},
+             "results": [{"dataset": "synthetic_baby", "epoch_s": 45.0, "eval_s": 2.8},
+                         {"dataset": "synthetic_clothing", "epoch_s": 200.0, "eval_s": 9.0}]}
+    lines = bench.proxy_markdown(report, proxy)
+    assert lines[-1] == "| synthetic_baby | 45 | 10 | 4.5x | 2.8 | 1 | 2.8x | 2 |"
+    assert not any("synthetic_clothing" in line for line in lines)  # no row of ours to compare with
+    assert bench.proxy_markdown({"results": []}, proxy) == []
