@@ -34,7 +34,7 @@ import platform
 import random
 import sys
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 from absl import app, flags
@@ -431,14 +431,18 @@ def markdown(report: dict) -> str:
 
 
 FLAGS = flags.FLAGS
-# --golden (replay that file, exit 1 on any failure) is lgmrec_jax.parity's flag, defined on its import.
-flags.DEFINE_list("datasets", ["synthetic_baby"], "Datasets to time (loaded or generated under --data_dir).")
-flags.DEFINE_string("data_dir", "./data", "Where datasets live; synthetic ones are generated on first use.")
-flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Where PyTorch runs.")
-flags.DEFINE_integer("epochs_to_time", 2, "Steady train epochs timed after one warm-up epoch.")
-flags.DEFINE_integer("eval_repeats", 3, "Steady valid+test evaluations timed after one warm-up.")
-flags.DEFINE_string("out", "experiments/results", "Directory of torch_proxy_<tag>.{json,md}.")
-flags.DEFINE_string("tag", None, "File tag (default: the device).")
+
+
+def define_flags() -> None:
+    """The command's flags, defined when it runs (importing this module defines none of its own)."""
+    # --golden (replay that file, exit 1 on any failure) is lgmrec_jax.parity's flag, defined on its import.
+    flags.DEFINE_list("datasets", ["synthetic_baby"], "Datasets to time (loaded or generated under --data_dir).")
+    flags.DEFINE_string("data_dir", "./data", "Where datasets live; synthetic ones are generated on first use.")
+    flags.DEFINE_enum("device", "cpu", ["cpu", "cuda"], "Where PyTorch runs.")
+    flags.DEFINE_integer("epochs_to_time", 2, "Steady train epochs timed after one warm-up epoch.")
+    flags.DEFINE_integer("eval_repeats", 3, "Steady valid+test evaluations timed after one warm-up.")
+    flags.DEFINE_string("out", "experiments/results", "Directory of torch_proxy_<tag>.{json,md}.")
+    flags.DEFINE_string("tag", None, "File tag (default: the device).")
 
 
 def main(argv):
@@ -476,4 +480,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

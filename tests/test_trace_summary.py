@@ -1,9 +1,6 @@
 """experiments/trace_summary.py: device time by operation from a profiler trace (hand-made traces with
 known totals, and a real CPU trace of a program whose operation counts are known)."""
 
-import gzip
-import json
-
 import jax
 import jax.numpy as jnp
 import pytest
