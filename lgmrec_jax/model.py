@@ -202,23 +202,25 @@ class LGMRec(nn.Module):
             layers.append(self.big_ops.propagate(graph.norm_adj, layers[-1], n_nodes))
         return jnp.mean(jnp.stack(layers), axis=0)
 
-    def mge(self, graph: Graph, feat: jax.Array, modality: str) -> jax.Array:
-        ops = self.big_ops
-        item = ops.feature_matmul(feat, self.proj[modality], self.n_items)
-        user = ops.propagate(graph.interactions, item, self.n_users) * graph.user_inv_deg
-        y = jnp.concatenate([user, item], axis=0)
-        for _ in range(self.n_mm_layers):
-            y = ops.propagate(graph.norm_adj, y, self.n_users + self.n_items)
-        return y
-
-    def hyper_logits(self, graph: Graph, feats: dict) -> dict:
-        """Item and user hyperedge logits per modality, before the Gumbel noise (SPEC §3.4 step 1)."""
+    def feature_products(self, graph: Graph, feats: dict) -> dict:
+        """Per modality, ``item = F_m [W_m | H_m]`` and ``user = R item``: the MGE's projected items
+        and the hyperedge logits (SPEC §3.4 steps 1 and 3) in one product with the features and one
+        sparse product with R, so each step reads the (I x 4096) image features once forward and
+        once backward instead of twice each. Columns [:d] are the projection, [d:] the logits."""
         out = {}
         for m in self.modalities:
-            item_logits = self.big_ops.feature_matmul(feats[m], self.hyper[m], self.n_items)
-            out[f"{m}_item"] = item_logits
-            out[f"{m}_user"] = self.big_ops.propagate(graph.interactions, item_logits, self.n_users)  # sum of raw logits
+            weights = ([self.proj[m]] if self.use_mge else []) + ([self.hyper[m]] if self.use_ghe else [])
+            if weights:
+                item = self.big_ops.feature_matmul(feats[m], jnp.concatenate(weights, axis=1), self.n_items)
+                out[m] = (item, self.big_ops.propagate(graph.interactions, item, self.n_users))
         return out
+
+    def mge(self, graph: Graph, item: jax.Array, user_sum: jax.Array) -> jax.Array:
+        """Last layer of A_hat propagation from [mean of the user's projected items; projected items]."""
+        y = jnp.concatenate([user_sum * graph.user_inv_deg, item], axis=0)
+        for _ in range(self.n_mm_layers):
+            y = self.big_ops.propagate(graph.norm_adj, y, self.n_users + self.n_items)
+        return y
 
     def assignments(self, logits: dict, noise: Noise) -> dict:
         """Item and user hyperedge assignment matrices per modality: Gumbel-softmax of the logits."""
@@ -241,10 +243,13 @@ class LGMRec(nn.Module):
         the reference's full forward per block."""
         c = self.cge(graph)
         fused = c if self.use_cge else jnp.zeros_like(c)
-        if self.use_mge:
-            for m in self.modalities:
-                fused = fused + l2_normalize(self.mge(graph, feats[m], m))
-        logits = self.hyper_logits(graph, feats) if self.use_ghe else {}
+        d, logits = self.embedding_size, {}
+        for m, (item, user) in self.feature_products(graph, feats).items():
+            if self.use_mge:
+                fused = fused + l2_normalize(self.mge(graph, item[:, :d], user[:, :d]))
+            if self.use_ghe:  # user logits: sums of the raw item logits over the user's items
+                start = d if self.use_mge else 0
+                logits[f"{m}_item"], logits[f"{m}_user"] = item[:, start:], user[:, start:]
         return NoiseFree(c, fused, logits)
 
     def with_noise(self, base: NoiseFree, noise: Noise) -> Outputs:

@@ -105,6 +105,17 @@ def test_cold_items_give_finite_gradients():
     assert trainer.finite_state(new_state) and np.isfinite(float(parts.total))
 
 
+def mge_terms(model, params, g, feats):
+    """nrm(M_v) + nrm(M_t) of the full model, from its own feature products."""
+    d = model.embedding_size
+
+    def terms(module, g, feats):
+        return sum(l2_normalize(module.mge(g, item[:, :d], user[:, :d]))
+                   for item, user in module.feature_products(g, feats).values())
+
+    return model.apply(params, g, feats, method=terms)
+
+
 @pytest.mark.parametrize("switch", ["use_cge", "use_mge", "use_ghe"])
 def test_ablation_switches_remove_their_term(switch):
     ds = toy_dataset()
@@ -123,14 +134,14 @@ def test_ablation_switches_remove_their_term(switch):
                                    jnp.concatenate([params["params"]["user_emb"], params["params"]["item_emb"]]))
         cfg.alpha = 0.0  # without the hypergraph term the output is exactly the MGE part
         no_ghe = trainer.make_model(cfg, ds).apply(params, g, feats, noise)
-        mge = sum(l2_normalize(model.apply(params, g, feats[m], m, method=LGMRec.mge)) for m in ("v", "t"))
+        mge = mge_terms(model, params, g, feats)
         np.testing.assert_allclose(jnp.concatenate([no_ghe.user, no_ghe.item]), mge, rtol=1e-5, atol=1e-6)
     elif switch == "use_mge":
-        mge = sum(l2_normalize(model.apply(params, g, feats[m], m, method=LGMRec.mge)) for m in ("v", "t"))
+        mge = mge_terms(model, params, g, feats)
         np.testing.assert_allclose(got, both - mge, rtol=1e-5, atol=1e-6)
     else:
         assert out.hyper == {}
-        ghe = both - c - sum(l2_normalize(model.apply(params, g, feats[m], m, method=LGMRec.mge)) for m in ("v", "t"))
+        ghe = both - c - mge_terms(model, params, g, feats)
         np.testing.assert_allclose(got, both - ghe, rtol=1e-5, atol=1e-6)
 
 
@@ -155,7 +166,7 @@ def test_tau_config_sets_the_gumbel_and_contrastive_temperature():
     noise = sample_noise(jax.random.PRNGKey(0), model.noise_shapes(), True, model.keep_rate)
     cfg.tau = 1.0
     warm = trainer.make_model(cfg, ds)
-    logits = warm.apply(params, g, feats, method=LGMRec.hyper_logits)
+    logits = warm.apply(params, g, feats, method=LGMRec.noise_free).logits
     assign = warm.apply(params, logits, noise, method=LGMRec.assignments)
     item_logits = np.asarray(feats["v"]) @ np.asarray(params["params"]["v_hyper"])
     expected = jax.nn.softmax(item_logits + np.asarray(noise.gumbel["v_item"]), axis=1)  # softmax at tau = 1
