@@ -368,13 +368,21 @@ class MultiProgram:
         keys = np.asarray(self.epoch_keys(seeds, trainer.EVAL_STREAM, epoch))
         active = np.ones(len(seeds), bool) if active is None else np.asarray(active)
         results = [dict() if act else None for act in active]
-        for i, (name, plan) in enumerate(self.plans.items()):
+        names = list(self.plans)
+
+        def split_hits(i: int):
             split_keys = np.asarray(jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, i))
-            hits = self.get(self._eval(states.params, self.put(hyper),
-                                       self._graph, self._feats, *self.eval_arrays[name], self.put(split_keys),
-                                       self.put(active)))
-            for k in np.flatnonzero(active):
-                results[k][name] = evaluation.metrics_from_hits(plan, hits[k])
+            return self.get(self._eval(states.params, self.put(hyper), self._graph, self._feats,
+                                       *self.eval_arrays[names[i]], self.put(split_keys), self.put(active)))
+
+        # As run.Experiment.evaluate: on one CPU device the splits run from threads of their own, so
+        # that their top-ks use several cores (same programs, same numbers).
+        threads = len(names) if jax.default_backend() == "cpu" and self.n_devices == 1 else 1
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            for name, future in zip(names, [pool.submit(split_hits, i) for i in range(len(names))]):
+                hits = future.result()
+                for k in np.flatnonzero(active):
+                    results[k][name] = evaluation.metrics_from_hits(self.plans[name], hits[k])
         return results
 
 

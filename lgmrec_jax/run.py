@@ -22,6 +22,7 @@ injects faults at chosen points for the tests.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import errno
 import fcntl
@@ -67,7 +68,7 @@ class NonFiniteError(RuntimeError):
 # LGMREC_FAULT holds comma-separated faults ACTION:POINT:EPOCH, EPOCH being the 0-based epoch index of
 # the log (``*`` = any). Unset, as in every real run, each hook below is a no-op.
 #   kill:train:E    SIGKILL halfway through epoch E's training steps
-#   kill:eval:E     SIGKILL after the valid split of epoch E's evaluation, before the test split
+#   kill:eval:E     SIGKILL after the valid split's metrics of epoch E's evaluation, before the test split's
 #   kill:save:E     SIGKILL inside the checkpoint save after epoch E: files written, not yet committed
 #   kill:saved:E    SIGKILL right after that save, before epoch E's metrics.jsonl line
 #   kill:metrics:E  SIGKILL with half of epoch E's metrics.jsonl line written
@@ -325,6 +326,10 @@ class Experiment:
         self.evaluate_split = jax.jit(evaluation.make_split_evaluator(
             self.model, cfg.eval_noise, cfg.eval_topk, evaluation.resolve_score_chunk(cfg.eval_score_chunk)))
         self.noise_free = jax.jit(evaluation.make_noise_free(self.model))
+        # XLA:CPU runs a top-k on one core, and a program runs on the thread that calls it: on CPUs the
+        # splits are evaluated from threads of their own, so their top-ks run on several cores at once
+        # (the same programs and numbers; see evaluation.py).
+        self.concurrent_splits = jax.default_backend() == "cpu"
 
     def init_state(self):
         return trainer.init_state(self.model, self.optimizer, self.graph, self.feats, self.cfg.seed)
@@ -347,13 +352,20 @@ class Experiment:
 
     def evaluate(self, params, epoch: int) -> dict:
         key = trainer.stream_key(self.cfg.seed, trainer.EVAL_STREAM, epoch)
-        results = {}
         base = self.noise_free(params, self.graph, self.feats)  # shared by the splits
-        for i, (name, plan) in enumerate(self.plans.items()):
-            tops = self.evaluate_split(params, self.graph, self.feats, *self.eval_arrays[name],
-                                       jax.random.fold_in(key, i), base=base)
-            results[name] = evaluation.metrics_from_hits(plan, tops.hits)
-            _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
+        names = list(self.plans)
+
+        def split_hits(i: int):
+            return jax.block_until_ready(self.evaluate_split(
+                params, self.graph, self.feats, *self.eval_arrays[names[i]], jax.random.fold_in(key, i),
+                base=base).hits)
+
+        with concurrent.futures.ThreadPoolExecutor(len(names) if self.concurrent_splits else 1) as pool:
+            hits = [pool.submit(split_hits, i) for i in range(len(names))]
+            results = {}
+            for name, future in zip(names, hits):
+                results[name] = evaluation.metrics_from_hits(self.plans[name], future.result())
+                _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
         return results
 
 

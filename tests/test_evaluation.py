@@ -203,3 +203,18 @@ def test_evaluation_shares_the_noise_free_part_across_splits():
             shared = e.evaluate_split(params, e.graph, e.feats, *e.eval_arrays[name], key, base=base)
             np.testing.assert_array_equal(np.asarray(shared.items), np.asarray(alone.items))
     assert chunked.evaluate(params, epoch=2) == exp.evaluate(params, epoch=2)
+
+
+def test_concurrent_splits_give_the_sequential_metrics():
+    """On CPUs the splits are evaluated from threads of their own (run.Experiment.concurrent_splits):
+    the same programs on the same inputs, so the same metrics as one after another."""
+    ds = catalogue_dataset()
+    exp = run_lib.Experiment(tiny(eval_batch_size=32), ds)
+    assert exp.concurrent_splits == (jax.default_backend() == "cpu")
+    params = exp.init_state().params
+    results = {}
+    for concurrent in (True, False):
+        exp.concurrent_splits = concurrent
+        results[concurrent] = [exp.evaluate(params, epoch=e) for e in (0, 1)]
+    assert results[True] == results[False]
+    assert results[True][0] != results[True][1]  # epochs draw different noise: the comparison can fail
