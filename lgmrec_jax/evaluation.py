@@ -43,6 +43,7 @@ Top-k methods (``eval_topk``):
 
 from __future__ import annotations
 
+import concurrent.futures as concurrent_futures
 import math
 from typing import NamedTuple
 
@@ -243,6 +244,26 @@ def train_mask(ds, users: np.ndarray):
 
 def split_metrics(users, top_items, split_pairs, n_users, n_items) -> dict:
     return metrics_lib.topk_metrics(users, top_items, split_pairs, n_users, n_items)
+
+
+def map_splits(fn, n_splits: int, concurrent: bool):
+    """Yields fn(0), ..., fn(n_splits - 1) in order; with ``concurrent``, each computed on a thread of
+    its own (XLA:CPU runs a top-k on one core and a program on the thread that calls it, so the splits'
+    selections then share the cores). The caller's matmul precision, a thread-local JAX setting, is
+    carried into the threads: without it they would trace the splits at the default precision."""
+    if not concurrent:
+        for i in range(n_splits):
+            yield fn(i)
+        return
+    precision = jax.config.jax_default_matmul_precision
+
+    def call(i: int):
+        with jax.default_matmul_precision(precision):
+            return fn(i)
+
+    with concurrent_futures.ThreadPoolExecutor(n_splits) as pool:
+        for future in [pool.submit(call, i) for i in range(n_splits)]:
+            yield future.result()
 
 
 def make_noise_free(model):

@@ -375,14 +375,11 @@ class MultiProgram:
             return self.get(self._eval(states.params, self.put(hyper), self._graph, self._feats,
                                        *self.eval_arrays[names[i]], self.put(split_keys), self.put(active)))
 
-        # As run.Experiment.evaluate: on one CPU device the splits run from threads of their own, so
-        # that their top-ks use several cores (same programs, same numbers).
-        threads = len(names) if jax.default_backend() == "cpu" and self.n_devices == 1 else 1
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            for name, future in zip(names, [pool.submit(split_hits, i) for i in range(len(names))]):
-                hits = future.result()
-                for k in np.flatnonzero(active):
-                    results[k][name] = evaluation.metrics_from_hits(self.plans[name], hits[k])
+        # As run.Experiment.evaluate: on one CPU device the splits run from threads of their own.
+        concurrent = jax.default_backend() == "cpu" and self.n_devices == 1
+        for name, hits in zip(names, evaluation.map_splits(split_hits, len(names), concurrent)):
+            for k in np.flatnonzero(active):
+                results[k][name] = evaluation.metrics_from_hits(self.plans[name], hits[k])
         return results
 
 

@@ -22,7 +22,6 @@ injects faults at chosen points for the tests.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import errno
 import fcntl
@@ -326,9 +325,8 @@ class Experiment:
         self.evaluate_split = jax.jit(evaluation.make_split_evaluator(
             self.model, cfg.eval_noise, cfg.eval_topk, evaluation.resolve_score_chunk(cfg.eval_score_chunk)))
         self.noise_free = jax.jit(evaluation.make_noise_free(self.model))
-        # XLA:CPU runs a top-k on one core, and a program runs on the thread that calls it: on CPUs the
-        # splits are evaluated from threads of their own, so their top-ks run on several cores at once
-        # (the same programs and numbers; see evaluation.py).
+        # On CPUs the splits are evaluated from threads of their own (evaluation.map_splits): the same
+        # programs and numbers, with their top-ks on several cores at once.
         self.concurrent_splits = jax.default_backend() == "cpu"
 
     def init_state(self):
@@ -360,12 +358,10 @@ class Experiment:
                 params, self.graph, self.feats, *self.eval_arrays[names[i]], jax.random.fold_in(key, i),
                 base=base).hits)
 
-        with concurrent.futures.ThreadPoolExecutor(len(names) if self.concurrent_splits else 1) as pool:
-            hits = [pool.submit(split_hits, i) for i in range(len(names))]
-            results = {}
-            for name, future in zip(names, hits):
-                results[name] = evaluation.metrics_from_hits(self.plans[name], future.result())
-                _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
+        results = {}
+        for name, hits in zip(names, evaluation.map_splits(split_hits, len(names), self.concurrent_splits)):
+            results[name] = evaluation.metrics_from_hits(self.plans[name], hits)
+            _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
         return results
 
 

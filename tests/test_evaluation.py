@@ -218,3 +218,14 @@ def test_concurrent_splits_give_the_sequential_metrics():
         results[concurrent] = [exp.evaluate(params, epoch=e) for e in (0, 1)]
     assert results[True] == results[False]
     assert results[True][0] != results[True][1]  # epochs draw different noise: the comparison can fail
+
+
+@pytest.mark.parametrize("concurrent", [True, False])
+def test_map_splits_keeps_order_and_the_callers_matmul_precision(concurrent):
+    """The split threads must compute at the caller's precision: jax.default_matmul_precision is
+    thread-local, and a thread that lost it would trace the evaluation at TF32/bf16 on accelerators."""
+    seen = lambda i: (i, jax.config.jax_default_matmul_precision)
+    with jax.default_matmul_precision("highest"):
+        assert list(evaluation.map_splits(seen, 3, concurrent)) == [(0, "highest"), (1, "highest"), (2, "highest")]
+    with jax.default_matmul_precision("bfloat16"):
+        assert list(evaluation.map_splits(seen, 2, concurrent)) == [(0, "bfloat16"), (1, "bfloat16")]
