@@ -19,7 +19,8 @@ The noise-free part of the forward depends on the parameters alone, so one evalu
 (:func:`make_noise_free`) and hands it to both splits. On CPUs, run.Experiment.evaluate runs the two
 splits from threads of their own: XLA:CPU runs a top-k on one core and a program on the thread that
 calls it, so the splits' selections then use two cores (on this project's 2-core CPU, 0.68 s instead of
-1.02 s per valid+test evaluation at Baby's shapes; the same programs, the same numbers).
+1.02 s per valid+test evaluation at Baby's shapes, medians of 3 in one process; the benchmark's median
+is 0.73 s, experiments/results/bench_cpu.md; the same programs, the same numbers).
 
 Score chunks (``eval_score_chunk``): inside a block, users are scored a chunk at a time
 (:func:`block_top_k`), each chunk's scores masked and cut to its top 50 before the next; the lists are
