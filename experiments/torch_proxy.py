@@ -85,11 +85,22 @@ def build_graph(train: np.ndarray, n_users: int, n_items: int, device) -> TorchG
     torch = _torch()
     host = build_host_graph(train, n_users, n_items)
     n = n_users + n_items
-    adj = torch.sparse_coo_tensor(np.stack([host.adj_rows, host.adj_cols]).astype(np.int64),
-                                  torch.from_numpy(host.adj_vals), (n, n), check_invariants=False).coalesce().to(device)
-    r = torch.sparse_coo_tensor(np.stack([host.r_rows, host.r_cols]).astype(np.int64),
-                                torch.ones(len(host.r_rows)), (n_users, n_items), check_invariants=False).coalesce().to(device)
+
+    def coo(rows, cols, vals, shape):
+        indices = np.stack([rows, cols]).astype(np.int64)
+        return torch.sparse_coo_tensor(indices, vals, shape, check_invariants=False).coalesce().to(device)
+
+    adj = coo(host.adj_rows, host.adj_cols, torch.from_numpy(host.adj_vals), (n, n))
+    r = coo(host.r_rows, host.r_cols, torch.ones(len(host.r_rows)), (n_users, n_items))  # duplicates summed
     return TorchGraph(adj, r, torch.from_numpy(host.user_inv_deg).to(device))
+
+
+def training_sets(train: np.ndarray, n_users: int) -> list:
+    """Each user's set of training items (negative rejection and evaluation masking)."""
+    sets = [set() for _ in range(n_users)]
+    for u, i in np.asarray(train).tolist():
+        sets[u].add(i)
+    return sets
 
 
 def init_params(hp: Hyper, feats: dict, seed: int, device) -> dict:
@@ -228,9 +239,7 @@ class Trainer:
         self.rows = np.asarray(ds.train, np.int64)
         self.all_items = sorted(set(self.rows[:, 1].tolist()))
         random.shuffle(self.all_items)
-        self.history = [set() for _ in range(ds.n_users)]
-        for u, i in self.rows:
-            self.history[u].add(i)
+        self.history = training_sets(self.rows, ds.n_users)
 
     def sync(self):
         if self.device != "cpu":
@@ -297,7 +306,6 @@ def golden_hyper(g: dict) -> Hyper:
 def replay_golden(path: str) -> list:
     """Every golden quantity recomputed by this implementation, as lgmrec_jax.parity rows."""
     torch = _torch()
-    torch.set_default_dtype(torch.float32)
     g = parity.load_golden(path)
     hp = golden_hyper(g)
     graph = build_graph(g["data/train"], hp.n_users, hp.n_items, "cpu")
@@ -336,9 +344,7 @@ def replay_golden(path: str) -> list:
     value("eval/item_out", item, g["eval/item_out"])
     scores = user @ item.T
     value("eval/scores", scores, g["eval/scores"])
-    history = [set() for _ in range(hp.n_users)]
-    for u, i in g["data/train"].tolist():
-        history[u].add(i)
+    history = training_sets(g["data/train"], hp.n_users)
     for split in ("valid", "test"):
         users = g[f"metrics_{split}/users"]
         top = masked_top(scores[torch.as_tensor(users)], users, history)
