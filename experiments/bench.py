@@ -195,7 +195,6 @@ def undo_patches() -> None:
         setattr(obj, name, value)
 
 
-
 def _patch_infonce_vmap():
     """losses.infonce as it was before commit 40bac1c: a per-row function (logsumexp over all
     candidates, which subtracts the row max) vectorised with jax.vmap. Kept to measure that
@@ -329,12 +328,15 @@ def _patch_feature_matmul_autodiff():
     commit c118d5b (which adopted feature_matmul_vjp). Kept to measure that change in one run."""
     import lgmrec_jax.model as model_lib
 
-    _set(model_lib.LocalOps, "feature_matmul", lambda self, feat, weight, n_items: feat @ weight)
+    _set(model_lib.LocalOps, "feature_matmul", lambda self, feat, weight, n_items: (feat @ weight)[:n_items])
 
 
 # Candidates measured and adopted since (now the library's code; their A/B runs are in
 # experiments/results/bench_cpu_patches.md): infonce_matmul (losses.log_sum_exp_scores) and
 # feature_matmul_vjp (model.frozen_feature_matmul). The patches below measure the alternatives.
+# batched_propagation was the library's code for a while (WORKSPACE.md: 1% faster per epoch on an
+# H100, bench_gpu.md run 7 against run 6, and about 10% slower on this project's CPU), and went back to
+# being a patch.
 PATCHES = {"infonce_vmap": _patch_infonce_vmap, "feature_matmul_autodiff": _patch_feature_matmul_autodiff,
            "batched_propagation": _patch_batched_propagation,
            "propagate_transpose": _patch_propagate_transpose}
@@ -534,7 +536,7 @@ def _run_config(spec: dict) -> dict:
         result["n_batches"] = int(exp.sampler.n_batches)
         result["rss_after_setup_mb"] = round(rss_mb(), 1)
 
-        compile_info = {}
+        compile_info, epoch_op_names = {}, None
         run_fn = getattr(exp.runner, "_run", None)
         if run_fn is not None and hasattr(run_fn, "lower"):
             batches = trainer.to_batch(tuple(exp.sampler.epoch(0)))
@@ -547,6 +549,8 @@ def _run_config(spec: dict) -> dict:
             compile_info["compile_s"] = round(time.perf_counter() - tick, 3)
             compile_info["method"] = "aot: runner._run.lower(...).compile()"
             result["program_memory"] = {"train_epoch": program_memory(compiled)}
+            if spec.get("trace"):  # to name the traced operations by model scope
+                epoch_op_names = trace_summary.hlo_op_names(compiled.as_text())
             if exp.plans:
                 name = next(iter(exp.plans))
                 params = exp.runner.get(state).params
@@ -611,7 +615,8 @@ def _run_config(spec: dict) -> dict:
 
         if spec.get("trace"):
             try:  # a profiler that fails (no CUPTI, no trace file) must not cost the timings above
-                result["trace"], state = trace_epoch_and_eval(exp, state, spec["epochs_to_time"] + 1)
+                result["trace"], state = trace_epoch_and_eval(exp, state, spec["epochs_to_time"] + 1,
+                                                              epoch_op_names)
             except Exception as err:  # noqa: BLE001 - recorded in the result instead
                 result["trace"] = {"error": f"{type(err).__name__}: {err}"[:500]}
                 state = exp.runner.put(exp.init_state())  # the traced epoch may have consumed the donated state
@@ -694,9 +699,10 @@ def run_timeline(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------- profile
 
 
-def trace_epoch_and_eval(exp, state, epoch: int):
+def trace_epoch_and_eval(exp, state, epoch: int, epoch_op_names: dict | None = None):
     """Device time of one steady epoch and one evaluation by operation (experiments.trace_summary),
-    from JAX profiler traces; returns (summaries, the state after the traced epoch)."""
+    from JAX profiler traces; returns (summaries, the state after the traced epoch). With the epoch
+    program's op names (trace_summary.hlo_op_names), the epoch's time also by model scope."""
     import jax
 
     out, tmp = {}, tempfile.mkdtemp(prefix="lgmrec-trace-")
@@ -705,7 +711,7 @@ def trace_epoch_and_eval(exp, state, epoch: int):
             state, _ = exp.train_epoch(state, epoch)
             sync(state)
         events = trace_summary.load_events(trace_summary.newest_trace(os.path.join(tmp, "epoch")))
-        out["epoch"] = trace_summary.summarize(events, per=int(exp.sampler.n_batches))
+        out["epoch"] = trace_summary.summarize(events, per=int(exp.sampler.n_batches), op_names=epoch_op_names)
         if exp.plans:
             params = exp.runner.get(state).params
             with jax.profiler.trace(os.path.join(tmp, "eval"), create_perfetto_trace=True):

@@ -16,13 +16,17 @@
 #   parity    both goldens at "highest" with the default kernel, and lgmrec_fixed with kernel "ell"
 #             ($PARITY_RUNS: GOLDEN:KERNEL words; about 45 s each on an H100) (needs the goldens in $LGMREC_SHARED, default ./.shared: copy ../shared/golden there,
 #             git-ignored, and carry it; nothing of it is committed)
-#   profile   clothing, highest precision, kernels segment_sum and ell: epoch and evaluation times, and
-#             where the device time goes by operation (--trace: JAX profiler traces summed by
-#             experiments/trace_summary.py), appended to bench_gpu
+#   profile   clothing, highest precision, kernels segment_sum and ell ($PROFILE_ARGS: other bench flags):
+#             epoch and evaluation times, and where the device time goes by operation and by model scope
+#             (--trace: JAX profiler traces summed by experiments/trace_summary.py), appended to bench_gpu
 #   compile   clothing, highest: compile time and epoch time under XLA flags that trade autotuning for
 #             compile time, one configuration per word of $COMPILE_FLAGS (default
 #             "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false": each flag alone), added
 #             to the image's XLA_FLAGS; compare with the profile/bench rows without them
+#             ($COMPILE_ARGS=--compile_only: the compile alone, without timing epochs)
+#   breakdown clothing, highest, with XLA's command buffers (CUDA graphs) off: a trace of one epoch in
+#             which each kernel is its own event, so that the device time splits by operation and by
+#             model scope (with them on, a step's ~190 kernels are all named after one command buffer)
 #   bench     clothing, segment_sum, highest and default precision: 5 timed epochs and evaluations, and
 #             the persistent compilation cache cold vs warm
 #   full      clothing, the default config: one early-stopped run end to end (after 1 timed epoch)
@@ -46,7 +50,7 @@
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env preflight parity profile compile full torchref numerics bench scale variants ablation grid"}
+STAGES=${STAGES:-"env preflight parity profile breakdown compile full torchref numerics bench scale variants ablation grid"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-0}
@@ -83,8 +87,11 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it under min(cap, time left), o
 BENCH="$PY -m experiments.bench --data_dir=$DATA --out=$OUT --tag=gpu"  # word-split on purpose: no spaces
 
 # Datasets, generated on the CPUs while the first stages use the GPU.
+# The scaled ones only where the scale stage will use them (x2 alone takes 3 minutes to generate, and the
+# other stages wait for the generator).
 scaled_names=$(IFS=,; for s in $SCALES; do printf 'synthetic_clothing_x%s ' "$($PY -c "print(f'{float($s):g}')")"; done)
 [ "$PRESET" = tiny ] && scaled_names=$(IFS=,; for s in $SCALES; do printf 'synthetic_clothing_x%s ' "$s"; done)
+case " $STAGES " in *" scale "*) ;; *) scaled_names="" ;; esac
 JAX_PLATFORMS=cpu $PY - "$DATA" "synthetic_$PRESET" $scaled_names >>"$OUT/log.txt" 2>&1 <<'PYEOF' &
 import sys, time
 from experiments.bench import load
@@ -126,14 +133,18 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
       done ;;
     profile)
       datasets_ready
-      stage profile "$CAP" $BENCH --presets=$PRESET --kernel=segment_sum,ell --matmul_precision=highest --trace \
-        --epochs_to_time=3 --eval_repeats=3 --append ;;
+      stage profile "$CAP" $BENCH --presets=$PRESET ${PROFILE_ARGS:---kernel=segment_sum,ell --matmul_precision=highest} \
+        --trace --epochs_to_time=3 --eval_repeats=3 --append ;;
     compile)
       datasets_ready
       for f in ${COMPILE_FLAGS:---xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false}; do
         stage "compile$f" 150 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$f" $BENCH --presets=$PRESET --matmul_precision=highest \
-          --epochs_to_time=2 --eval_repeats=2 --append
+          ${COMPILE_ARGS:---epochs_to_time=2 --eval_repeats=2} --append
       done ;;
+    breakdown)
+      datasets_ready
+      stage breakdown 150 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" $BENCH \
+        --presets=$PRESET --matmul_precision=highest --trace --epochs_to_time=2 --eval_repeats=1 --append ;;
     ablation)
       datasets_ready
       stage ablation "$CAP" $BENCH --presets=$PRESET --matmul_precision=highest --profile --epochs_to_time=1 \

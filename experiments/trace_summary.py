@@ -60,6 +60,17 @@ def kind(name: str) -> str:
     return "other fusion / elementwise"
 
 
+def op_kind(event: dict, op_names: Optional[dict] = None) -> str:
+    """The kind of one executed operation: by its family's name, except that a library call
+    (``custom-call``: cuBLAS on a GPU) whose op_name is a ``dot_general`` counts as a matmul."""
+    name = family(event["args"]["hlo_op"])
+    if name == "custom-call" and op_names:
+        op_name = op_names.get(event["args"]["hlo_op"], "")
+        if op_name.rsplit("/", 1)[-1].startswith("dot_general"):
+            return "matmul"
+    return kind(name)
+
+
 def newest_trace(path: str) -> str:
     """``path`` itself if it is a trace file, else the newest perfetto_trace.json.gz below it."""
     if os.path.isfile(path):
@@ -131,9 +142,62 @@ def leaves(ops: list[dict]) -> list[dict]:
     return [e for i, e in enumerate(ops) if i not in holders and family(e["args"]["hlo_op"]) not in CONTAINERS]
 
 
-def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None) -> dict:
+# The named scopes of the model, losses and train step (jax.named_scope), innermost wins: where a step's
+# device time goes by part of the model, forward and backward apart.
+SCOPES = ("cge", "features", "mge", "hypergraph", "losses", "infonce", "noise", "adam")
+MODULE_KEY = "<module>"
+OP_NAME = re.compile(r'^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*?op_name="([^"]*)"')
+
+
+def hlo_op_names(hlo_text: str) -> dict:
+    """Instruction name -> its ``op_name`` metadata (the JAX name stack), from a compiled program's
+    HLO text (``compiled.as_text()``); fusions carry the op_name of their root. The module's name is
+    under the key ``MODULE_KEY``: only the trace's operations of that module are looked up."""
+    out = {}
+    module = re.match(r"\s*HloModule\s+([^\s,]+)", hlo_text)
+    if module:
+        out[MODULE_KEY] = module.group(1)
+    for line in hlo_text.splitlines():
+        match = OP_NAME.match(line)
+        if match:
+            out[match.group(1)] = match.group(2)
+    return out
+
+
+def scope_of(op_name: str) -> str:
+    """``jit(run_epoch)/while/body/transpose(jvp(LGMRec))/cge/...`` -> ``cge backward``: the
+    innermost known scope, and backward where the op comes from a transpose (autodiff's VJP)."""
+    parts = [p.rstrip(")").split("(")[-1] for p in op_name.split("/")]
+    known = [p for p in parts if p in SCOPES]
+    where = known[-1] if known else "other"
+    return f"{where} {'backward' if 'transpose(' in op_name else 'forward'}"
+
+
+def by_scope(ops: list[dict], op_names: dict, per: Optional[int] = None) -> dict:
+    """Device ms by model scope and direction (per ``per`` units), and the share of device time whose
+    operation was found in ``op_names`` (an operation of another program, or a renamed one, is not)."""
+    total = collections.defaultdict(float)
+    found = 0.0
+    module = op_names.get(MODULE_KEY)
+    for e in ops:
+        op = e["args"]["hlo_op"]
+        same = module is None or e["args"].get("hlo_module", module) == module
+        name = (op_names.get(op) if same else None) or e["args"].get("tf_op")
+        dur = float(e.get("dur", 0.0))
+        if name:
+            found += dur
+        total[scope_of(name) if name else "unmatched"] += dur
+    busy = sum(total.values())
+    div = 1e3 * (per or 1)
+    return {"matched_share": round(found / busy, 3) if busy else None,
+            "ms": {k: round(v / div, 4) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}}
+
+
+def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None,
+              op_names: Optional[dict] = None) -> dict:
     """Device time by operation family and kind (milliseconds); ``per``: also divide by this count
-    (e.g. the steps traced) for per-step figures."""
+    (e.g. the steps traced) for per-step figures; ``op_names`` (:func:`hlo_op_names` of the traced
+    program): also by model scope, and the top single operations with their op_name."""
     events = list(events)
     ops = device_op_events(events)
     if not ops:
@@ -147,8 +211,8 @@ def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None) 
     start = min(float(e["ts"]) for e in ops)
     end = max(float(e["ts"]) + float(e.get("dur", 0.0)) for e in ops)
     kinds = collections.defaultdict(float)
-    for name, (t, _) in by_family.items():
-        kinds[kind(name)] += t
+    for e in ops:
+        kinds[op_kind(e, op_names)] += float(e.get("dur", 0.0))
     ranked = sorted(by_family.items(), key=lambda item: (-item[1][0], item[0]))
     out = {
         "ops": len(ops),
@@ -161,6 +225,13 @@ def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None) 
         "top": [{"family": name, "kind": kind(name), "ms": round(t / 1e3, 3), "count": n,
                  "share": round(t / busy_us, 4) if busy_us else None} for name, (t, n) in ranked[:top]],
     }
+    if op_names is not None:
+        out["scopes"] = by_scope(ops, op_names, per)
+        single = collections.defaultdict(float)
+        for e in ops:
+            single[e["args"]["hlo_op"]] += float(e.get("dur", 0.0))
+        out["top_ops"] = [{"op": op, "ms": round(t / 1e3 / (per or 1), 4), "op_name": op_names.get(op, "")[-160:]}
+                          for op, t in sorted(single.items(), key=lambda kv: -kv[1])[:top]]
     if per:
         out["per"] = per
         out["busy_ms_per"] = round(busy_us / 1e3 / per, 4)
@@ -183,6 +254,13 @@ def markdown(summary: dict, title: str = "Device time by operation") -> str:
     lines += ["", "| operation family | kind | ms | count | share |", "|---|---|---|---|---|"]
     for row in summary["top"]:
         lines.append(f"| `{row['family']}` | {row['kind']} | {row['ms']} | {row['count']} | {row['share']:.1%} |")
+    if summary.get("scopes"):
+        unit = "ms per unit" if summary.get("per") else "ms"
+        lines += ["", f"By model scope (named scopes; {summary['scopes']['matched_share']:.0%} of the device time "
+                  f"matched to the compiled program's op names):", "", f"| scope | {unit} |", "|---|---|"]
+        lines += [f"| {name} | {ms} |" for name, ms in summary["scopes"]["ms"].items()]
+        lines += ["", f"| operation | {unit} | op_name |", "|---|---|---|"]
+        lines += [f"| `{r['op']}` | {r['ms']} | `{r['op_name']}` |" for r in summary["top_ops"][:12]]
     return "\n".join(lines) + "\n"
 
 

@@ -9,12 +9,13 @@ which are one matmul (see log_sum_exp_scores for why).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from lgmrec_jax.model import TAU, Outputs, l2_normalize
+from lgmrec_jax.model import TAU, Outputs, l2_normalize, pad_rows
 
 
 class Batch(NamedTuple):
@@ -36,25 +37,33 @@ def bpr_row(user, pos, neg):
     return -jax.nn.log_sigmoid(jnp.dot(user, pos) - jnp.dot(user, neg))
 
 
-@jax.custom_vjp
-def log_sum_exp_scores(anchors, candidates):
-    """log sum_k exp(<a_b, z_k>) per row of unit-norm ``anchors`` (already divided by tau).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def log_sum_exp_scores(anchors, candidates, n_valid: int):
+    """log sum_k exp(<a_b, z_k>) per row of unit-norm ``anchors`` (already divided by tau), over the
+    first ``n_valid`` rows of ``candidates`` (the rest are zero padding: GEMM_ROW_MULTIPLE).
 
     All rows are unit vectors, so every logit lies in [-1/tau, 1/tau] = [-5, 5] and the reference's
     plain log(sum(exp)) cannot overflow. Written as one (B x K) matmul with a hand-written VJP: the
     vmapped per-row form compiled to batched mat-vecs and measured ~4x slower per epoch on CPU
     (experiments/results/bench_cpu_patches.md, patch "infonce_matmul").
     """
-    return jnp.log(jnp.sum(jnp.exp(anchors @ candidates.T), axis=1))
+    return jnp.log(jnp.sum(_valid_exp(anchors @ candidates.T, n_valid), axis=1))
 
 
-def _lse_fwd(anchors, candidates):
-    e = jnp.exp(anchors @ candidates.T)
+def _valid_exp(scores, n_valid: int):
+    """exp of the scores, 0 in the padding columns (an exact zero: they add nothing anywhere)."""
+    if n_valid == scores.shape[1]:
+        return jnp.exp(scores)
+    return jnp.where(jnp.arange(scores.shape[1]) < n_valid, jnp.exp(scores), 0.0)
+
+
+def _lse_fwd(anchors, candidates, n_valid):
+    e = _valid_exp(anchors @ candidates.T, n_valid)
     total = jnp.sum(e, axis=1)
     return jnp.log(total), (anchors, candidates, e, total)
 
 
-def _lse_bwd(res, g):
+def _lse_bwd(n_valid, res, g):
     anchors, candidates, e, total = res
     scale = (g / total)[:, None]
     # Scale the (B x d) operands, not the (B x K) matrix; computing (d x B)(B x K) and transposing the
@@ -70,12 +79,14 @@ def alignment_row(anchor, positive, tau=TAU):
     return jnp.dot(anchor, positive) / tau
 
 
+@jax.named_scope("infonce")
 def infonce(anchors, positives, candidates, mask, tau=TAU):
     """Summed (not averaged) InfoNCE over the real rows of a batch:
     -log(exp(<a,p>/tau) / sum_k exp(<a,z_k>/tau)), the sum running over all candidates including
     the positive; anchor, positive and candidates are L2-normalised first."""
     a, p, z = l2_normalize(anchors), l2_normalize(positives), l2_normalize(candidates)
-    per_row = log_sum_exp_scores(a / tau, z) - jax.vmap(alignment_row, in_axes=(0, 0, None))(a, p, tau)
+    per_row = (log_sum_exp_scores(a / tau, pad_rows(z), z.shape[0])
+               - jax.vmap(alignment_row, in_axes=(0, 0, None))(a, p, tau))
     return jnp.sum(per_row * mask)
 
 
@@ -95,6 +106,7 @@ def masked_sq(x, mask):
     return jnp.sum(jnp.square(x) * mask[:, None])
 
 
+@jax.named_scope("losses")
 def loss_sums(out: Outputs, batch: Batch, tau: float = TAU) -> LossSums:
     e_u, e_p, e_n = out.user[batch.users], out.item[batch.pos], out.item[batch.neg]
     bpr = jnp.sum(jax.vmap(bpr_row)(e_u, e_p, e_n) * batch.mask)

@@ -18,7 +18,7 @@ import optax
 from lgmrec_jax import losses
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.graph import Graph
-from lgmrec_jax.model import LGMRec, sample_noise
+from lgmrec_jax.model import LGMRec, pad_rows, sample_noise
 
 TRAIN_STREAM, EVAL_STREAM, INIT_STREAM = 0, 1, 2
 
@@ -45,8 +45,10 @@ def make_model(cfg, ds: Dataset) -> LGMRec:
 
 
 def device_features(ds: Dataset, dtype: str = "float32") -> dict:
-    """The feature matrices on the device, stored as ``dtype`` (config feature_dtype)."""
-    return {m: jnp.asarray(f, dtype) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
+    """The feature matrices on the device, stored as ``dtype`` (config feature_dtype), with zero rows
+    up to a multiple of GEMM_ROW_MULTIPLE items (the weight gradient contracts over the items; see
+    lgmrec_jax.model.GEMM_ROW_MULTIPLE). The model's products keep the first n_items rows."""
+    return {m: pad_rows(jnp.asarray(f, dtype)) for m, f in (("v", ds.v_feat), ("t", ds.t_feat)) if f is not None}
 
 
 def make_optimizer(learning_rate) -> optax.GradientTransformation:
@@ -65,7 +67,8 @@ def make_train_step(model: LGMRec, optimizer, cfg, grad_reduce=None):
     shapes = model.noise_shapes()
 
     def objective(params, graph, feats, batch, key):
-        noise = sample_noise(key, shapes, train=True, keep_rate=model.keep_rate)
+        with jax.named_scope("noise"):
+            noise = sample_noise(key, shapes, train=True, keep_rate=model.keep_rate)
         out = model.apply(params, graph, feats, noise)
         parts = losses.loss_parts(out, batch, cfg.cl_weight, cfg.reg_weight, cfg.tau)
         return parts.total, parts
@@ -74,8 +77,9 @@ def make_train_step(model: LGMRec, optimizer, cfg, grad_reduce=None):
         grads, parts = jax.grad(objective, has_aux=True)(state.params, graph, feats, batch, key)
         if grad_reduce is not None:
             grads = grad_reduce(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        return TrainState(optax.apply_updates(state.params, updates), opt_state), parts
+        with jax.named_scope("adam"):
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            return TrainState(optax.apply_updates(state.params, updates), opt_state), parts
 
     return train_step
 

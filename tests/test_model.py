@@ -168,7 +168,7 @@ def test_tau_config_sets_the_gumbel_and_contrastive_temperature():
     warm = trainer.make_model(cfg, ds)
     logits = warm.apply(params, g, feats, method=LGMRec.noise_free).logits
     assign = warm.apply(params, logits, noise, method=LGMRec.assignments)
-    item_logits = np.asarray(feats["v"]) @ np.asarray(params["params"]["v_hyper"])
+    item_logits = np.asarray(feats["v"])[: ds.n_items] @ np.asarray(params["params"]["v_hyper"])
     expected = jax.nn.softmax(item_logits + np.asarray(noise.gumbel["v_item"]), axis=1)  # softmax at tau = 1
     np.testing.assert_allclose(np.asarray(assign["v_item"]), np.asarray(expected), rtol=1e-5, atol=1e-7)
     batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.arange(1, 5), jnp.ones(4))
@@ -237,3 +237,43 @@ def test_ell_kernel_gives_the_segment_sum_training_step():
     assert float(s_parts.hcl) > 0
     for a, b in zip(jax.tree_util.tree_leaves(e_state.params), jax.tree_util.tree_leaves(s_state.params)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_features_are_padded_to_whole_gemm_tiles_and_the_padding_changes_nothing():
+    from lgmrec_jax.model import GEMM_ROW_MULTIPLE
+
+    ds = toy_dataset()
+    model, g, feats, params, _ = forward(ds, small_config(), train=True)
+    for m, f in (("v", ds.v_feat), ("t", ds.t_feat)):
+        assert feats[m].shape[0] % GEMM_ROW_MULTIPLE == 0 and feats[m].shape[0] >= ds.n_items
+        np.testing.assert_array_equal(np.asarray(feats[m])[: ds.n_items], f)
+        assert not np.asarray(feats[m])[ds.n_items:].any()
+    bare = {m: jnp.asarray(f) for m, f in (("v", ds.v_feat), ("t", ds.t_feat))}
+    noise = sample_noise(jax.random.PRNGKey(2), model.noise_shapes(), True, model.keep_rate)
+    batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.arange(1, 5), jnp.ones(4))
+
+    def loss(p, f):
+        return losses.loss_parts(model.apply(p, g, f, noise), batch, 1e-2, 1e-4).total
+
+    padded_value, padded_grads = jax.value_and_grad(loss)(params, feats)
+    bare_value, bare_grads = jax.value_and_grad(loss)(params, bare)
+    np.testing.assert_allclose(float(padded_value), float(bare_value), rtol=1e-6)
+    for a, b in zip(jax.tree_util.tree_leaves(padded_grads), jax.tree_util.tree_leaves(bare_grads)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_infonce_padding_of_the_candidates_gives_the_plain_value_and_gradients():
+    rng = np.random.default_rng(7)
+    a, p, z = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((5, 8), (5, 8), (37, 8)))
+    mask = jnp.asarray([1.0, 1.0, 1.0, 1.0, 0.0])
+
+    def plain(a, p, z, tau=0.2):  # autodiff of the textbook form, no padding, no custom VJP
+        a, p, z = l2_normalize(a), l2_normalize(p), l2_normalize(z)
+        rows = jnp.log(jnp.sum(jnp.exp(a @ z.T / tau), axis=1)) - jnp.sum(a * p, axis=1) / tau
+        return jnp.sum(rows * mask)
+
+    got = jax.value_and_grad(lambda *x: losses.infonce(*x[:3], mask), argnums=(0, 1, 2))(a, p, z)
+    want = jax.value_and_grad(plain, argnums=(0, 1, 2))(a, p, z)
+    np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-6)
+    for x, y in zip(got[1], want[1]):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)

@@ -95,3 +95,58 @@ def test_stream_kernels_count_once_beside_derived_op_lines():
     s = ts.summarize(events)
     assert s["ops"] == 2 and s["busy_ms"] == 0.016
     assert s["lines"] == ["/device:GPU:0 / Stream #14(Compute)"]
+
+
+HLO = """HloModule jit_step, entry_computation_layout={(f32[4]{0})->f32[4]{0}}
+
+%fused_computation.1 (param_0: f32[4]) -> f32[4] {
+  ROOT %exp.1 = f32[4]{0} exponential(%param_0), metadata={op_name="jit(step)/while/body/jvp(losses)/infonce/exp"}
+}
+
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %custom-call.4 = f32[4]{0} custom-call(%p), custom_call_target="__cublas$gemm", metadata={op_name="jit(step)/while/body/transpose(jvp(LGMRec))/LGMRec.feature_products/features/dot_general" stack_frame_id=3}
+  %loop_exp_fusion.2 = f32[4]{0} fusion(%custom-call.4), kind=kLoop, calls=%fused_computation.1, metadata={op_name="jit(step)/while/body/jvp(losses)/infonce/exp"}
+  ROOT %loop_pad_fusion.9 = f32[4]{0} fusion(%loop_exp_fusion.2), kind=kLoop, calls=%fused_computation.1
+}
+"""
+
+
+def test_op_names_from_hlo_text_and_scopes_forward_and_backward():
+    names = ts.hlo_op_names(HLO)
+    assert names[ts.MODULE_KEY] == "jit_step"
+    assert names["custom-call.4"].endswith("features/dot_general")
+    assert names["loop_exp_fusion.2"].endswith("infonce/exp") and "loop_pad_fusion.9" not in names
+    assert ts.scope_of(names["custom-call.4"]) == "features backward"
+    assert ts.scope_of("jit(step)/while/body/jvp(losses)/infonce/exp") == "infonce forward"  # innermost wins
+    assert ts.scope_of("jit(step)/while/body/add") == "other forward"
+
+
+def test_device_time_by_scope_with_unmatched_ops_and_library_matmuls():
+    events = [process(2, "/device:GPU:0"), op(2, 9, 0, 40, "custom-call.4"), op(2, 9, 40, 20, "loop_exp_fusion.2"),
+              op(2, 9, 60, 30, "loop_pad_fusion.9"), op(2, 9, 90, 10, "fusion.3", module="jit_other")]
+    s = ts.summarize(events, per=2, op_names=ts.hlo_op_names(HLO))
+    # loop_pad_fusion.9 has no op_name; fusion.3 belongs to another program: neither is matched.
+    assert s["scopes"]["ms"] == {"features backward": 0.02, "unmatched": 0.02, "infonce forward": 0.01}
+    assert s["scopes"]["matched_share"] == 0.6
+    assert s["kinds_ms"]["matmul"] == 0.04  # the cuBLAS call named dot_general
+    assert s["top_ops"][0] == {"op": "custom-call.4", "ms": 0.02, "op_name": ts.hlo_op_names(HLO)["custom-call.4"]}
+    assert "| features backward | 0.02 |" in ts.markdown(s)
+
+
+def test_real_cpu_trace_by_named_scope(tmp_path):
+    def f(x, w):
+        with jax.named_scope("cge"):
+            y = jnp.tanh(x @ w)
+        with jax.named_scope("infonce"):
+            return jnp.sum(jnp.exp(y @ y.T))
+
+    step = jax.jit(jax.grad(f, argnums=1))
+    x, w = jnp.ones((256, 64)), jnp.full((64, 64), 0.01)
+    names = ts.hlo_op_names(step.lower(x, w).compile().as_text())
+    step(x, w).block_until_ready()
+    with jax.profiler.trace(str(tmp_path), create_perfetto_trace=True):
+        step(x, w).block_until_ready()
+    s = ts.summarize(ts.load_events(ts.newest_trace(str(tmp_path))), op_names=names)
+    scopes = set(s["scopes"]["ms"])
+    assert {"cge forward", "infonce forward", "infonce backward", "cge backward"} <= scopes
+    assert s["scopes"]["matched_share"] > 0.5
