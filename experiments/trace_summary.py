@@ -254,6 +254,11 @@ def markdown(summary: dict, title: str = "Device time by operation") -> str:
     lines += ["", "| operation family | kind | ms | count | share |", "|---|---|---|---|---|"]
     for row in summary["top"]:
         lines.append(f"| `{row['family']}` | {row['kind']} | {row['ms']} | {row['count']} | {row['share']:.1%} |")
+    buffered = sum(r["ms"] for r in summary["top"] if r["family"].startswith("command_buffer"))
+    if buffered > 0.5 * summary["busy_ms"]:
+        lines += ["", f"{buffered / summary['busy_ms']:.0%} of the device time is in XLA command buffers (CUDA "
+                  "graphs), each one event in the trace: run with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` "
+                  "to see their kernels."]
     if summary.get("scopes"):
         unit = "ms per unit" if summary.get("per") else "ms"
         lines += ["", f"By model scope (named scopes; {summary['scopes']['matched_share']:.0%} of the device time "

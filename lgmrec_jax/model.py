@@ -32,7 +32,7 @@ TAU = 0.2  # hard-coded in the reference, shared by the Gumbel softmax and the I
 # copy of the two InfoNCE score matrices (2048 x 39,387 and 2048 x 23,033) and of the image features.
 # XLA's GPU split-K rewrite pads a long contraction to a multiple of its split count (a power of two,
 # at most 128) by copying the whole operand; a multiple of 128 leaves it nothing to pad. The zero rows
-# cost 0.02-0.1% more work at these sizes and change no value.
+# change no value and cost 0.03-0.09% more work at Clothing's sizes (1.7% at Baby's 7,050 items).
 GEMM_ROW_MULTIPLE = 128
 
 

@@ -150,3 +150,10 @@ def test_real_cpu_trace_by_named_scope(tmp_path):
     scopes = set(s["scopes"]["ms"])
     assert {"cge forward", "infonce forward", "infonce backward", "cge backward"} <= scopes
     assert s["scopes"]["matched_share"] > 0.5
+
+
+def test_a_trace_of_command_buffers_says_how_to_see_their_kernels():
+    events = [process(2, "/device:GPU:0"), op(2, 9, 0, 90, "command_buffer_6"), op(2, 9, 90, 10, "copy.1")]
+    s = ts.summarize(events)
+    assert "90% of the device time is in XLA command buffers" in ts.markdown(s)
+    assert "command buffers" not in ts.markdown(ts.summarize([process(2, "/device:GPU:0"), op(2, 9, 0, 9, "copy.1")]))
