@@ -193,6 +193,24 @@ def by_scope(ops: list[dict], op_names: dict, per: Optional[int] = None) -> dict
             "ms": {k: round(v / div, 4) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}}
 
 
+def timeline(ops: list[dict], origin: float) -> list[dict]:
+    """The traced window as runs of consecutive operations of one program (``hlo_module``), in order:
+    each run's start and end (ms from ``origin``), its busy ms and operation count, and the idle ms
+    before it. Where a window's idle time lies: inside a program, or between programs (host work)."""
+    runs = []
+    for e in sorted(ops, key=lambda e: float(e["ts"])):
+        module = e["args"].get("hlo_module", "?")
+        begin, dur = float(e["ts"]), float(e.get("dur", 0.0))
+        if not runs or runs[-1]["module"] != module:
+            gap = begin - (runs[-1]["_end"] if runs else origin)
+            runs.append({"module": module, "_start": begin, "_end": begin, "busy": 0.0, "ops": 0, "gap": gap})
+        run = runs[-1]
+        run["_end"], run["busy"], run["ops"] = max(run["_end"], begin + dur), run["busy"] + dur, run["ops"] + 1
+    return [{"module": r["module"], "start_ms": round((r["_start"] - origin) / 1e3, 3),
+             "end_ms": round((r["_end"] - origin) / 1e3, 3), "busy_ms": round(r["busy"] / 1e3, 3),
+             "ops": r["ops"], "idle_before_ms": round(max(r["gap"], 0.0) / 1e3, 3)} for r in runs]
+
+
 def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None,
               op_names: Optional[dict] = None) -> dict:
     """Device time by operation family and kind (milliseconds); ``per``: also divide by this count
@@ -225,6 +243,7 @@ def summarize(events: Iterable[dict], top: int = 25, per: Optional[int] = None,
         "top": [{"family": name, "kind": kind(name), "ms": round(t / 1e3, 3), "count": n,
                  "share": round(t / busy_us, 4) if busy_us else None} for name, (t, n) in ranked[:top]],
     }
+    out["timeline"] = timeline(ops, start)
     if op_names is not None:
         out["scopes"] = by_scope(ops, op_names, per)
         single = collections.defaultdict(float)
@@ -259,6 +278,12 @@ def markdown(summary: dict, title: str = "Device time by operation") -> str:
         lines += ["", f"{buffered / summary['busy_ms']:.0%} of the device time is in XLA command buffers (CUDA "
                   "graphs), each one event in the trace: run with `XLA_FLAGS=--xla_gpu_enable_command_buffer=` "
                   "to see their kernels."]
+    runs = summary.get("timeline") or []
+    if 1 < len(runs) <= 40:  # an evaluation's programs; an epoch is one program
+        lines += ["", "Programs in the order they ran (ms from the first operation):", "",
+                  "| program | start | end | busy | operations | idle before |", "|---|---|---|---|---|---|"]
+        lines += [f"| `{r['module']}` | {r['start_ms']} | {r['end_ms']} | {r['busy_ms']} | {r['ops']} | "
+                  f"{r['idle_before_ms']} |" for r in runs]
     if summary.get("scopes"):
         unit = "ms per unit" if summary.get("per") else "ms"
         lines += ["", f"By model scope (named scopes; {summary['scopes']['matched_share']:.0%} of the device time "

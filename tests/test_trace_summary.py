@@ -157,3 +157,18 @@ def test_a_trace_of_command_buffers_says_how_to_see_their_kernels():
     s = ts.summarize(events)
     assert "90% of the device time is in XLA command buffers" in ts.markdown(s)
     assert "command buffers" not in ts.markdown(ts.summarize([process(2, "/device:GPU:0"), op(2, 9, 0, 9, "copy.1")]))
+
+
+def test_timeline_shows_where_the_idle_time_lies_between_programs():
+    events = [process(2, "/device:GPU:0"), op(2, 9, 100, 10, "fusion.1", module="jit_noise_free"),
+              op(2, 9, 110, 20, "fusion.2", module="jit_noise_free"),
+              op(2, 9, 180, 30, "fusion.1", module="jit_evaluate_split"),  # 50 us of host time before it
+              op(2, 9, 215, 5, "copy.1", module="jit_evaluate_split"),  # 5 us idle inside the program
+              op(2, 9, 300, 10, "fusion.1", module="jit_noise_free")]
+    s = ts.summarize(events)
+    assert s["timeline"] == [
+        {"module": "jit_noise_free", "start_ms": 0.0, "end_ms": 0.03, "busy_ms": 0.03, "ops": 2, "idle_before_ms": 0.0},
+        {"module": "jit_evaluate_split", "start_ms": 0.08, "end_ms": 0.12, "busy_ms": 0.035, "ops": 2,
+         "idle_before_ms": 0.05},
+        {"module": "jit_noise_free", "start_ms": 0.2, "end_ms": 0.21, "busy_ms": 0.01, "ops": 1, "idle_before_ms": 0.08}]
+    assert "| `jit_evaluate_split` | 0.08 | 0.12 | 0.035 | 2 | 0.05 |" in ts.markdown(s)
