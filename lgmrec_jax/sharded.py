@@ -29,7 +29,7 @@ from jax.experimental import sparse
 
 from lgmrec_jax import distributed, losses, trainer
 from lgmrec_jax.graph import Graph, propagate
-from lgmrec_jax.model import frozen_feature_matmul, sample_noise
+from lgmrec_jax.model import frozen_feature_matmul, pad_rows, sample_noise
 
 AXIS = "devices"
 
@@ -50,9 +50,7 @@ class ShardedOps:
 
     def local_rows(self, x):
         per = rows_per_device(x.shape[0], self.n_devices)
-        pad = per * self.n_devices - x.shape[0]
-        if pad:
-            x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+        x = pad_rows(x, self.n_devices)  # per * n_devices rows
         return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(AXIS) * per, per)
 
     def propagate(self, matrix, x, n_rows: int):
