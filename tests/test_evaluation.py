@@ -30,9 +30,10 @@ def test_grouped_top_k_by_hand():
     np.testing.assert_array_equal(exact(row[None], 2), [[4, 0]])
 
 
+@pytest.mark.parametrize("prune", [True, False])
 @pytest.mark.parametrize("n_items", [60, 101, 997, 7050])
 @pytest.mark.parametrize("values", ["normal", "ties", "masked"])
-def test_grouped_top_k_equals_top_k(n_items, values):
+def test_grouped_top_k_equals_top_k(n_items, values, prune):
     rng = np.random.default_rng(n_items)
     if values == "normal":
         scores = rng.normal(size=(64, n_items)).astype(np.float32)
@@ -42,8 +43,52 @@ def test_grouped_top_k_equals_top_k(n_items, values):
         scores = rng.normal(size=(64, n_items)).astype(np.float32)
         scores[rng.random(scores.shape) < 0.98] = evaluation.MASK_VALUE
     k = min(50, n_items)
-    np.testing.assert_array_equal(np.asarray(jax.jit(evaluation.grouped_top_k, static_argnums=1)(scores, k)),
-                                  exact(scores, k))
+    np.testing.assert_array_equal(
+        np.asarray(jax.jit(evaluation.grouped_top_k, static_argnums=(1, 2))(scores, k, prune)), exact(scores, k))
+
+
+def test_kth_lower_bound_by_hand():
+    # Row 1..100, k = 10: ten slices of ten, maxima 10, 20, ..., 100, so the start is 10; then
+    # bisections towards 100: 55 (46 reach it: kept), 77.5 (23: kept), 88.75 (12: kept), 94.375 (6: too
+    # high), 91.5625 (9: too high), 90.15625 (10: kept), 90.859375 (10: kept), 91.2109375 (9: too high).
+    row = jnp.arange(1, 101, dtype=jnp.float32)[None]
+    assert float(evaluation.kth_lower_bound(row, 10, steps=0)[0, 0]) == 10.0
+    assert float(evaluation.kth_lower_bound(row, 10, steps=8)[0, 0]) == 90.859375
+
+
+@pytest.mark.parametrize("values", ["normal", "ties", "masked", "huge"])
+def test_kth_lower_bound_leaves_k_values(values):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 300)).astype(np.float32)
+    if values == "ties":
+        x = rng.integers(1, 4, size=x.shape).astype(np.float32)
+    elif values == "masked":
+        x[rng.random(x.shape) < 0.9] = evaluation.MASK_VALUE
+    elif values == "huge":  # the midpoint's arithmetic overflows to inf
+        x = np.where(rng.random(x.shape) < 0.5, 3e38, -3e38).astype(np.float32)
+    t = np.asarray(evaluation.kth_lower_bound(jnp.asarray(x), 50))
+    assert ((x >= t).sum(axis=1) >= 50).all()
+    assert (t[:, 0] <= np.sort(x, axis=1)[:, -50]).all()
+
+
+@pytest.mark.parametrize("n_items", [997, 7050])
+@pytest.mark.parametrize("values", ["normal", "ties", "masked", "bfloat16"])
+def test_pruned_selection_equals_top_k(n_items, values):
+    """The pruned path itself (grouped_top_k on CPUs when every group maximum is finite and non-zero),
+    with a short last group (997 = 249 * 4 + 1; 7050 = 587 * 12 + 6) and rows where the ties at the
+    k-th value decide the list."""
+    rng = np.random.default_rng(n_items)
+    scores = rng.normal(size=(64, n_items)).astype(np.float32)
+    if values == "ties":
+        scores = rng.integers(1, 6, size=scores.shape).astype(np.float32)
+    elif values == "masked":
+        scores[rng.random(scores.shape) < 0.98] = evaluation.MASK_VALUE
+    x = jnp.asarray(scores, jnp.bfloat16 if values == "bfloat16" else jnp.float32)
+    g = evaluation.group_size(n_items, 50)
+    maxima = evaluation.group_maxima(x, g)
+    assert maxima.shape == (64, -(-n_items // g)) and bool(jnp.isfinite(maxima).all() & (maxima != 0).all())
+    got = jax.jit(evaluation.pruned_selection, static_argnums=(2, 3))(x, maxima, 50, g)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(jax.lax.top_k(x, 50)[1]))
 
 
 def test_approx_top_k_recalls_the_exact_list():
@@ -140,9 +185,10 @@ def test_device_hits_equal_the_host_relevance_and_give_its_metrics(synthetic_dir
     assert plan.n_pos.max() >= 1 and exp.plans["valid"].n_pos.sum() == len(big.valid)
 
 
+@pytest.mark.parametrize("prune", [True, False])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("values", ["nan", "negative_nan", "signed_zeros"])
-def test_grouped_top_k_ranks_nans_and_signed_zeros_as_top_k(values, dtype):
+def test_grouped_top_k_ranks_nans_and_signed_zeros_as_top_k(values, dtype, prune):
     """lax.top_k ranks by IEEE total order (-NaN < -inf < ... < -0 < +0 < ... < +NaN); a plain max
     over each group does not, which once made grouped_top_k differ (and return padding indices)."""
     rng = np.random.default_rng(3)
@@ -154,7 +200,7 @@ def test_grouped_top_k_ranks_nans_and_signed_zeros_as_top_k(values, dtype):
     else:
         scores = np.where(rng.random(scores.shape) < 0.5, 0.0, -0.0).astype(np.float32)
     x = jnp.asarray(scores, dtype)
-    got = np.asarray(jax.jit(evaluation.grouped_top_k, static_argnums=1)(x, 50))
+    got = np.asarray(jax.jit(evaluation.grouped_top_k, static_argnums=(1, 2))(x, 50, prune))
     np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(x, 50)[1]))
     assert got.max() < 1001
 
