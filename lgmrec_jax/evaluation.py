@@ -241,8 +241,8 @@ def pruned_grouped_top_k(scores: jax.Array, k: int, g: int) -> jax.Array:
     top k: group maxima below :func:`kth_lower_bound` (at least k maxima reach it), then candidates
     below the k-th chosen maximum (k candidates reach that). Values at least k others beat never enter
     a top k, and the rest keep their order, so the indices are lax.top_k's. On this project's 2-core
-    CPU at Baby's 7,050 items this took a chunk's selection from 0.50 s to 0.27 s per 19,200 rows,
-    scores included (experiments/results/bench_cpu_topk.md).
+    CPU, 19,200 users' selections, scores included, took 0.255 s instead of 0.455 s at Baby's 7,050
+    items and 0.451 s instead of 0.794 s at Clothing's 23,033 (experiments/results/topk_cpu.md).
 
     The maxima are plain float maxima, cheaper than total_order_key's; they rank groups as top_k
     would only when every maximum is finite and non-zero (NaNs and signed zeros order differently),

@@ -141,3 +141,17 @@ def test_proxy_comparison_uses_the_latest_default_row():
     assert lines[-1] == "| synthetic_baby | 45 | 10 | 4.5x | 2.8 | 1 | 2.8x | 2 |"
     assert not any("synthetic_clothing" in line for line in lines)  # no row of ours to compare with
     assert bench.proxy_markdown({"results": []}, proxy) == []
+
+
+def test_topk_bench_checks_every_method_against_direct():
+    from experiments import topk_bench
+
+    rows = topk_bench.measure(n_items=700, rows=60, chunk=32, methods=topk_bench.METHODS, repeats=1)
+    assert [r["method"] for r in rows] == list(topk_bench.METHODS)
+    assert rows[0]["rows"] == 64  # rounded up to whole chunks
+    assert [r["same_as_direct"] for r in rows] == [None, True, True, True]
+    report = {"command": "python -m experiments.topk_bench", "started": "now", "results": rows,
+              "machine": {"backend": "cpu", "cpu": "test", "cpu_count": 2, "versions": {"jax": "x"},
+                          "git": {"commit": "0" * 40}}}
+    table = topk_bench.markdown(report)
+    assert "| 700 | 64 | 32 | grouped_pruned |" in table and "**no**" not in table
