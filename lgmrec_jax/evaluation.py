@@ -18,9 +18,9 @@ Noise modes (``eval_noise``):
 The noise-free part of the forward depends on the parameters alone, so one evaluation computes it once
 (:func:`make_noise_free`) and hands it to both splits. On CPUs, run.Experiment.evaluate runs the two
 splits from threads of their own: XLA:CPU runs a top-k on one core and a program on the thread that
-calls it, so the splits' selections then use two cores (on this project's 2-core CPU, 0.68 s instead of
-1.02 s per valid+test evaluation at Baby's shapes, medians of 3 in one process; the benchmark's median
-is 0.73 s, experiments/results/bench_cpu.md; the same programs, the same numbers).
+calls it, so the splits' selections then use two cores (on this project's 2-core CPU, before the
+pruned selections, 0.68 s instead of 1.02 s per valid+test evaluation at Baby's shapes, medians of 3 in
+one process; the same programs, the same numbers).
 
 Score chunks (``eval_score_chunk``): inside a block, users are scored a chunk at a time
 (:func:`block_top_k`), each chunk's scores masked and cut to its top 50 before the next; the lists are
@@ -32,10 +32,12 @@ unmeasured).
 
 Top-k methods (``eval_topk``):
   "grouped"    exact, in two smaller selections (see grouped_top_k): the same indices as "direct".
-               Default: at clothing's 23,033 items it measured 13% faster per valid+test evaluation
-               on CPU (4.6 vs 5.3 s), at baby's 7,050 items 4% slower (1.28 vs 1.23 s)
-               (experiments/results/bench_cpu_topk.md); on an H100 at clothing's size, 0.048 s against
-               0.166 s (experiments/results/bench_gpu.md). TPUs are unmeasured.
+               Default. On CPUs each selection first drops the scores that cannot win
+               (pruned_grouped_top_k): on this project's 2-core CPU a valid+test evaluation took
+               0.509 s instead of 0.676 s with "direct" at Baby's shapes and 2.70 s instead of 3.35 s
+               at Clothing's (experiments/results/bench_cpu_topk.md, run 1). On an H100 at
+               Clothing's size, 0.048 s against 0.166 s (experiments/results/bench_gpu.md). TPUs are
+               unmeasured.
   "direct"     jax.lax.top_k over all items.
   "approx"     jax.lax.approx_max_k at recall target 0.95: TPUs run an approximate top-k (a
                deviation: some true top-50 items may be missed); CPUs and GPUs select the exact
