@@ -24,6 +24,9 @@
 #             "--xla_gpu_autotune_level=0 --xla_gpu_enable_triton_gemm=false": each flag alone), added
 #             to the image's XLA_FLAGS; compare with the profile/bench rows without them
 #             ($COMPILE_ARGS=--compile_only: the compile alone, without timing epochs)
+#   phases    clothing, highest, compile only: XLA's own phase timers (TF_CPP_VMODULE=$PHASE_MODULES at
+#             level 1), summed by experiments/compile_phases.py for the epoch program into log.txt
+#             (where the ~25-35 s of the first compile go; the raw log stays in /tmp/lgmrec_phases.log)
 #   breakdown clothing, highest, with XLA's command buffers (CUDA graphs) off: a trace of one epoch in
 #             which each kernel is its own event, so that the device time splits by operation and by
 #             model scope (with them on, a step's ~190 kernels are all named after one command buffer)
@@ -50,7 +53,7 @@
 set -u
 OUT=${OUT:-/tmp/device_check}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"env preflight parity profile breakdown compile full torchref numerics bench scale variants ablation grid"}
+STAGES=${STAGES:-"env preflight parity profile breakdown compile phases full torchref numerics bench scale variants ablation grid"}
 SHARED=${LGMREC_SHARED:-./.shared}
 PY=${PYTHON:-python3}
 DEADLINE=${DEADLINE:-0}
@@ -141,6 +144,12 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
         stage "compile$f" 150 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }$f" $BENCH --presets=$PRESET --matmul_precision=highest \
           ${COMPILE_ARGS:---epochs_to_time=2 --eval_repeats=2} --append
       done ;;
+    phases)
+      datasets_ready
+      modules=${PHASE_MODULES:-gpu_compiler=1,nvptx_compiler=1,compile_module_to_llvm_ir=1,gemm_fusion_autotuner=1,autotuner_util=1,autotuner_compile_util=1,triton_fusion_emitter=1,cpu_compiler=1}
+      stage phases 150 sh -c "TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=$modules $BENCH --presets=$PRESET \
+        --matmul_precision=highest --compile_only --isolate=false --out=/tmp/lgmrec_phases 2>/tmp/lgmrec_phases.log"
+      $PY -m experiments.compile_phases /tmp/lgmrec_phases.log --program=jit_run_epoch >>"$OUT/log.txt" 2>&1 ;;
     breakdown)
       datasets_ready
       stage breakdown 150 env XLA_FLAGS="${XLA_FLAGS:+$XLA_FLAGS }--xla_gpu_enable_command_buffer=" $BENCH \
