@@ -47,6 +47,7 @@ Top-k methods (``eval_topk``):
 from __future__ import annotations
 
 import concurrent.futures as concurrent_futures
+import functools
 import math
 from functools import partial
 from typing import NamedTuple
@@ -250,10 +251,34 @@ def pruned_grouped_top_k(scores: jax.Array, k: int, g: int) -> jax.Array:
     would only when every maximum is finite and non-zero (NaNs and signed zeros order differently),
     so other score matrices take lax.top_k itself.
     """
-    maxima = group_maxima(scores, g)
-    safe = jnp.isfinite(maxima).all() & (maxima != 0).all()
-    return jax.lax.cond(safe, partial(pruned_selection, k=k, g=g), lambda scores, _: jax.lax.top_k(scores, k)[1],
-                        scores, maxima)
+    return _pruned_top_k(k, g)(scores)
+
+
+@functools.lru_cache(maxsize=None)
+def _pruned_top_k(k: int, g: int):
+    """pruned_grouped_top_k for one (k, g): the pruned selection where every group maximum is finite
+    and non-zero, lax.top_k elsewhere, chosen by one lax.cond per score matrix.
+
+    Under vmap (the grid's configs evaluated at once) a cond whose predicate is batched becomes a
+    select that runs both branches. Rows are independent, so the batching rule instead stacks the
+    batch's matrices into one taller matrix: one cond for all of them."""
+
+    @jax.custom_batching.custom_vmap
+    def select(scores):
+        maxima = group_maxima(scores, g)
+        safe = jnp.isfinite(maxima).all() & (maxima != 0).all()
+        return jax.lax.cond(safe, partial(pruned_selection, k=k, g=g), lambda scores, _: jax.lax.top_k(scores, k)[1],
+                            scores, maxima)
+
+    @select.def_vmap
+    def select_batched(axis_size, in_batched, scores):
+        del axis_size
+        if not in_batched[0]:
+            return select(scores), False
+        rows = select(scores.reshape(-1, scores.shape[-1]))
+        return rows.reshape(scores.shape[:-1] + (k,)), True
+
+    return select
 
 
 def pruned_selection(scores: jax.Array, maxima: jax.Array, k: int, g: int) -> jax.Array:

@@ -275,3 +275,17 @@ def test_map_splits_keeps_order_and_the_callers_matmul_precision(concurrent):
         assert list(evaluation.map_splits(seen, 3, concurrent)) == [(0, "highest"), (1, "highest"), (2, "highest")]
     with jax.default_matmul_precision("bfloat16"):
         assert list(evaluation.map_splits(seen, 2, concurrent)) == [(0, "bfloat16"), (1, "bfloat16")]
+
+
+def test_vmapped_pruned_top_k_takes_one_branch_for_the_whole_batch():
+    """Configs evaluated at once (the grid's vmap): one cond over all of them, not a select that runs
+    the pruned and the full selection for every config, and still each config's exact list, also when
+    one config's scores (here with NaNs) need the full selection."""
+    rng = np.random.default_rng(11)
+    scores = rng.normal(size=(3, 16, 997)).astype(np.float32)
+    select = jax.vmap(lambda s: evaluation.grouped_top_k(s, 50, prune=True))
+    assert "cond[" in str(jax.make_jaxpr(select)(scores))
+    for batch in (scores, np.where(np.arange(3)[:, None, None] == 1, np.float32(np.nan), scores)):
+        np.testing.assert_array_equal(np.asarray(jax.jit(select)(batch)), np.asarray(jax.lax.top_k(batch, 50)[1]))
+    nested = jax.vmap(jax.vmap(lambda s: evaluation.grouped_top_k(s, 50, prune=True)))(scores.reshape(3, 4, 4, 997))
+    np.testing.assert_array_equal(np.asarray(nested).reshape(3, 16, 50), np.asarray(jax.lax.top_k(scores, 50)[1]))
