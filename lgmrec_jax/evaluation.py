@@ -358,19 +358,23 @@ def split_metrics(users, top_items, split_pairs, n_users, n_items) -> dict:
 
 
 def map_splits(fn, n_splits: int, concurrent: bool):
-    """Yields fn(0), ..., fn(n_splits - 1) in order; with ``concurrent``, each computed on a thread of
-    its own (XLA:CPU runs a top-k on one core and a program on the thread that calls it, so the splits'
-    selections then share the cores). The caller's matmul precision, a thread-local JAX setting, is
-    carried into the threads: without it they would trace the splits at the default precision."""
+    """Yields fn(0), ..., fn(n_splits - 1) in order, where fn dispatches a split's evaluation.
+
+    Without ``concurrent``, every split is dispatched before the first result is yielded: with JAX's
+    asynchronous dispatch the device then runs the splits back to back while the caller turns the
+    first split's hits into metrics, instead of idling through that host work and the round trip.
+    With ``concurrent``, each split is computed, and waited for, on a thread of its own (XLA:CPU runs
+    a top-k on one core and a program on the thread that calls it, so the splits' selections then
+    share the cores). The caller's matmul precision, a thread-local JAX setting, is carried into the
+    threads: without it they would trace the splits at the default precision."""
     if not concurrent:
-        for i in range(n_splits):
-            yield fn(i)
+        yield from [fn(i) for i in range(n_splits)]
         return
     precision = jax.config.jax_default_matmul_precision
 
     def call(i: int):
         with jax.default_matmul_precision(precision):
-            return fn(i)
+            return jax.block_until_ready(fn(i))
 
     with concurrent_futures.ThreadPoolExecutor(n_splits) as pool:
         for future in [pool.submit(call, i) for i in range(n_splits)]:

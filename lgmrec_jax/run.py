@@ -353,10 +353,9 @@ class Experiment:
         base = self.noise_free(params, self.graph, self.feats)  # shared by the splits
         names = list(self.plans)
 
-        def split_hits(i: int):
-            return jax.block_until_ready(self.evaluate_split(
-                params, self.graph, self.feats, *self.eval_arrays[names[i]], jax.random.fold_in(key, i),
-                base=base).hits)
+        def split_hits(i: int):  # dispatched; map_splits decides where it is waited for
+            return self.evaluate_split(params, self.graph, self.feats, *self.eval_arrays[names[i]],
+                                       jax.random.fold_in(key, i), base=base).hits
 
         results = {}
         for name, hits in zip(names, evaluation.map_splits(split_hits, len(names), self.concurrent_splits)):

@@ -277,6 +277,15 @@ def test_map_splits_keeps_order_and_the_callers_matmul_precision(concurrent):
         assert list(evaluation.map_splits(seen, 2, concurrent)) == [(0, "bfloat16"), (1, "bfloat16")]
 
 
+def test_map_splits_dispatches_every_split_before_the_first_result():
+    """Sequential splits (accelerators) are all dispatched first, so that the device runs them back to
+    back while the host computes the first split's metrics."""
+    calls = []
+    splits = evaluation.map_splits(lambda i: calls.append(i) or jnp.full(3, i), 3, concurrent=False)
+    assert np.asarray(next(splits)).tolist() == [0, 0, 0] and calls == [0, 1, 2]
+    assert [np.asarray(x).tolist() for x in splits] == [[1, 1, 1], [2, 2, 2]]
+
+
 def test_vmapped_pruned_top_k_takes_one_branch_for_the_whole_batch():
     """Configs evaluated at once (the grid's vmap): one cond over all of them, not a select that runs
     the pruned and the full selection for every config, and still each config's exact list, also when
