@@ -277,6 +277,16 @@ def test_map_splits_keeps_order_and_the_callers_matmul_precision(concurrent):
         assert list(evaluation.map_splits(seen, 2, concurrent)) == [(0, "bfloat16"), (1, "bfloat16")]
 
 
+def test_grouped_top_k_edge_uses():
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(4, 997)).astype(np.float32))
+    assert evaluation.grouped_top_k(x, 0, prune=True).shape == (4, 0)
+    # Differentiating around the selection: the indices carry no gradient, and the pruned path's
+    # batching rule must not stop reverse mode.
+    loss = lambda x: jnp.take_along_axis(x, evaluation.grouped_top_k(x, 50, prune=True), axis=1).sum()
+    grad = np.asarray(jax.grad(loss)(x))
+    assert grad.sum() == 4 * 50 and set(np.unique(grad)) == {0.0, 1.0}
+
+
 def test_map_splits_dispatches_every_split_before_the_first_result():
     """Sequential splits (accelerators) are all dispatched first, so that the device runs them back to
     back while the host computes the first split's metrics."""
