@@ -331,6 +331,35 @@ def _patch_feature_matmul_autodiff():
     _set(model_lib.LocalOps, "feature_matmul", lambda self, feat, weight, n_items: (feat @ weight)[:n_items])
 
 
+def _patch_unpruned_top_k():
+    """evaluation.grouped_top_k without the pruned selections on CPUs (as before commit 6dbd152):
+    the group maxima in total order and two plain top-ks. Kept to measure that change in one run."""
+    import functools
+
+    from lgmrec_jax import evaluation
+
+    _set(evaluation, "grouped_top_k", functools.partial(evaluation.grouped_top_k, prune=False))
+
+
+def _patch_wait_each_split():
+    """evaluation.map_splits waiting for each sequential split before dispatching the next (as
+    before commit 36ba69a; accelerators only: CPUs evaluate the splits from threads)."""
+    import jax
+
+    from lgmrec_jax import evaluation
+
+    threaded = evaluation.map_splits
+
+    def map_splits(fn, n_splits, concurrent):
+        if concurrent:
+            yield from threaded(fn, n_splits, concurrent)
+            return
+        for i in range(n_splits):
+            yield jax.block_until_ready(fn(i))
+
+    _set(evaluation, "map_splits", map_splits)
+
+
 # Candidates measured and adopted since (now the library's code; their A/B runs are in
 # experiments/results/bench_cpu_patches.md): infonce_matmul (losses.log_sum_exp_scores) and
 # feature_matmul_vjp (model.frozen_feature_matmul). The patches below measure the alternatives.
@@ -339,7 +368,8 @@ def _patch_feature_matmul_autodiff():
 # being a patch.
 PATCHES = {"infonce_vmap": _patch_infonce_vmap, "feature_matmul_autodiff": _patch_feature_matmul_autodiff,
            "batched_propagation": _patch_batched_propagation,
-           "propagate_transpose": _patch_propagate_transpose}
+           "propagate_transpose": _patch_propagate_transpose, "unpruned_top_k": _patch_unpruned_top_k,
+           "wait_each_split": _patch_wait_each_split}
 
 
 # ----------------------------------------------------------------------------------- machine

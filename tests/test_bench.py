@@ -155,3 +155,27 @@ def test_topk_bench_checks_every_method_against_direct():
                           "git": {"commit": "0" * 40}}}
     table = topk_bench.markdown(report)
     assert "| 700 | 64 | 32 | grouped_pruned |" in table and "**no**" not in table
+
+
+def test_evaluation_patches_restore_the_previous_behaviour_and_undo():
+    import jax
+    import numpy as np
+
+    from lgmrec_jax import evaluation
+
+    x = np.random.default_rng(0).normal(size=(8, 997)).astype(np.float32)
+    assert "cond[" in str(jax.make_jaxpr(lambda s: evaluation.grouped_top_k(s, 50))(x))  # CPU: pruned
+    calls = []
+    record = lambda i: calls.append(i) or i
+    try:
+        bench.PATCHES["unpruned_top_k"]()
+        bench.PATCHES["wait_each_split"]()
+        assert "cond[" not in str(jax.make_jaxpr(lambda s: evaluation.grouped_top_k(s, 50))(x))
+        np.testing.assert_array_equal(np.asarray(evaluation.grouped_top_k(x, 50)), np.asarray(jax.lax.top_k(x, 50)[1]))
+        splits = evaluation.map_splits(record, 3, concurrent=False)
+        assert next(splits) == 0 and calls == [0]  # waited for before the next is dispatched
+    finally:
+        bench.undo_patches()
+    assert "cond[" in str(jax.make_jaxpr(lambda s: evaluation.grouped_top_k(s, 50))(x))
+    calls.clear()
+    assert next(evaluation.map_splits(record, 3, concurrent=False)) == 0 and calls == [0, 1, 2]
