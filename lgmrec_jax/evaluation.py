@@ -322,12 +322,14 @@ def masked_top_k(scores: jax.Array, mask_rows: jax.Array, mask_cols: jax.Array, 
 
 
 def block_top_k(user_emb: jax.Array, item_emb: jax.Array, mask_rows: jax.Array, mask_cols: jax.Array,
-                k: int = TOP_K, method: str = "direct", chunk: int = 0) -> jax.Array:
+                k: int = TOP_K, method: str = "direct", chunk: int = 0, rows_used=None) -> jax.Array:
     """masked_top_k of the block's scores ``user_emb @ item_emb.T``, ``chunk`` users at a time (0: all).
 
     Exact: each row's list is the same whatever the chunk. Chunks keep each score matrix small enough
     to stay in the CPU's cache through the masking and the selections, instead of streaming a
-    (4,096 x items) matrix through memory several times (see :data:`CPU_SCORE_CHUNK`).
+    (4,096 x items) matrix through memory several times (see :data:`CPU_SCORE_CHUNK`). With
+    ``rows_used`` (a traced count: the block's real rows come first), chunks past them are not scored
+    and their rows read -1: the last block of a split is mostly padding.
     """
     n_rows = user_emb.shape[0]
     if chunk <= 0 or chunk >= n_rows:
@@ -335,11 +337,16 @@ def block_top_k(user_emb: jax.Array, item_emb: jax.Array, mask_rows: jax.Array, 
     n_chunks = -(-n_rows // chunk)
     users = jnp.pad(user_emb, ((0, n_chunks * chunk - n_rows), (0, 0))).reshape(n_chunks, chunk, -1)
 
-    def one_chunk(args):
-        index, chunk_users = args
+    def scored(index, chunk_users):
         local = mask_rows - index * chunk  # the block's mask, shifted; other chunks' rows are dropped
         rows = jnp.where((local >= 0) & (local < chunk), local, chunk)
         return masked_top_k(chunk_users @ item_emb.T, rows, mask_cols, k, method)
+
+    def one_chunk(args):
+        if rows_used is None:
+            return scored(*args)
+        index, _ = args
+        return jax.lax.cond(index * chunk < rows_used, scored, lambda *_: jnp.full((chunk, k), -1, jnp.int32), *args)
 
     tops = jax.lax.map(one_chunk, (jnp.arange(n_chunks), users))
     return tops.reshape(n_chunks * chunk, -1)[:n_rows]
@@ -421,7 +428,10 @@ def make_split_evaluator(model, eval_noise: str = "per_block", eval_topk: str = 
         def one_block(_, xs):
             users, rows, cols, wanted, block_key = xs
             out = with_fresh_noise(params, base, block_key) if shared is None else shared
-            top = block_top_k(out.user[users], out.item, rows, cols, method=eval_topk, chunk=score_chunk)
+            # Real rows come first; padding rows have no split items (plan_split).
+            rows_used = jnp.sum(wanted[:, 0] != SPLIT_PAD)
+            top = block_top_k(out.user[users], out.item, rows, cols, method=eval_topk, chunk=score_chunk,
+                              rows_used=rows_used)
             return None, SplitTops(top, (top[:, :, None] == wanted[:, None, :]).any(axis=2))
 
         _, tops = jax.lax.scan(one_block, None, (block_users, mask_rows, mask_cols, split_items, keys))
