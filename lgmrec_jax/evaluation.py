@@ -50,7 +50,6 @@ from __future__ import annotations
 import concurrent.futures as concurrent_futures
 import functools
 import math
-from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -274,8 +273,8 @@ def _pruned_top_k(k: int, g: int):
     def select(scores):
         maxima = group_maxima(scores, g)
         safe = jnp.isfinite(maxima).all() & (maxima != 0).all()
-        return jax.lax.cond(safe, partial(pruned_selection, k=k, g=g), lambda scores, _: jax.lax.top_k(scores, k)[1],
-                            scores, maxima)
+        pruned = functools.partial(pruned_selection, k=k, g=g)
+        return jax.lax.cond(safe, pruned, lambda scores, _: jax.lax.top_k(scores, k)[1], scores, maxima)
 
     @select.def_vmap
     def select_batched(axis_size, in_batched, scores):
