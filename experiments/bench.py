@@ -1299,7 +1299,8 @@ def define_flags() -> None:
     flags.DEFINE_list("full_run_presets", [], "With --full_run: only these presets (e.g. default); empty = all.")
     flags.DEFINE_integer("max_epochs", 0, "Epoch cap of the full run (0: the config's).")
     flags.DEFINE_list("kernel", ["segment_sum"], "Propagation kernels to compare: segment_sum, bcoo, ell.")
-    flags.DEFINE_list("matmul_precision", ["highest"], "Matmul precisions to compare: highest, high, default.")
+    flags.DEFINE_list("matmul_precision", ["highest"], "Matmul precisions to compare: highest, high, default, "
+                      "TF32_TF32_F32_X3 (GPUs), BF16_BF16_F32_X6 (configs.PRECISIONS).")
     flags.DEFINE_list("feature_dtype", ["float32"], "Feature storage types to compare: float32, bfloat16 "
                       "(config feature_dtype).")
     flags.DEFINE_list("eval_topk", [default_config.get_config().eval_topk], "Evaluation top-k methods to "

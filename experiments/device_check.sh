@@ -14,7 +14,8 @@
 #             fails with the image's packages, the wheels in .whl/fallback (the versions CI tests: flax,
 #             optax, orbax-checkpoint) are put first on PYTHONPATH and it is tried once more.
 #   parity    both goldens at "highest" with the default kernel, and lgmrec_fixed with kernel "ell"
-#             ($PARITY_RUNS: GOLDEN:KERNEL words; about 45 s each on an H100) (needs the goldens in $LGMREC_SHARED, default ./.shared: copy ../shared/golden there,
+#             ($PARITY_RUNS: GOLDEN:KERNEL[:PRECISION] words, precision "highest" unless named, e.g.
+#             lgmrec_fixed:segment_sum:TF32_TF32_F32_X3; about 45 s each on an H100) (needs the goldens in $LGMREC_SHARED, default ./.shared: copy ../shared/golden there,
 #             git-ignored, and carry it; nothing of it is committed)
 #   profile   clothing, highest precision, kernels segment_sum and ell ($PROFILE_ARGS: other bench flags):
 #             epoch and evaluation times, and where the device time goes by operation and by model scope
@@ -125,11 +126,13 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
       fi ;;
     parity)
       for run in ${PARITY_RUNS:-lgmrec_fixed:segment_sum lgmrec_legacy:segment_sum lgmrec_fixed:ell}; do
-        g=${run%%:*} kernel=${run##*:}
+        g=${run%%:*} rest=${run#*:}
+        kernel=${rest%%:*} precision=highest
+        [ "$rest" != "$kernel" ] && precision=${rest#*:}
         if [ -f "$SHARED/golden/$g.npz" ]; then
-          echo "== $g, kernel $kernel" >>"$OUT/parity.txt"
-          stage parity-$g-$kernel 150 sh -c "$PY -m lgmrec_jax.parity --golden $SHARED/golden/$g.npz \
-            --kernel=$kernel >>$OUT/parity.txt 2>&1"
+          echo "== $g, kernel $kernel, matmul precision $precision" >>"$OUT/parity.txt"
+          stage parity-$g-$kernel-$precision 150 sh -c "$PY -m lgmrec_jax.parity --golden $SHARED/golden/$g.npz \
+            --kernel=$kernel --matmul_precision=$precision >>$OUT/parity.txt 2>&1"
         else
           log "parity: $SHARED/golden/$g.npz absent (copy ../shared/golden to $SHARED and carry it)"
         fi

@@ -8,6 +8,7 @@ for evaluation and checkpoints), so the single- and multi-device paths share the
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from lgmrec_jax import distributed, trainer
 
@@ -54,8 +55,29 @@ def check_kernel_fits_devices(cfg) -> None:
                           f"num_devices=1, or kernel=segment_sum for the multi-device step")
 
 
-def make_runner(model, optimizer, cfg):
+def check_matmul_precision(precision: str) -> None:
+    """Some dot algorithms exist on some backends only (TF32_TF32_F32_X3: GPUs). Compiles one small
+    product at ``precision`` and raises ConfigError (one line) if this backend cannot."""
+    from lgmrec_jax.configs import ConfigError
+
+    probe = jax.ShapeDtypeStruct((8, 8), jnp.float32)
+    try:
+        with jax.default_matmul_precision(precision):
+            jax.jit(jnp.matmul).lower(probe, probe).compile()
+    except Exception as err:  # JAX raises ValueError on CPU; XLA's compile errors vary by backend
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"matmul_precision {precision!r} does not run on this backend "
+                          f"({jax.default_backend()}): {reason}") from None
+
+
+def check_backend(cfg) -> None:
+    """What the config asks of the devices, checked before anything is written."""
     check_kernel_fits_devices(cfg)
+    check_matmul_precision(cfg.matmul_precision)
+
+
+def make_runner(model, optimizer, cfg):
+    check_backend(cfg)
     n = resolve_num_devices(cfg.num_devices)
     if n == 1 and not distributed.spans_processes():
         return SingleDeviceRunner(model, optimizer, cfg)

@@ -388,7 +388,7 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
     RunError; the newest checkpoint is then intact and the same call resumes from it.
     """
     configs.validate(cfg)
-    parallel.check_kernel_fits_devices(cfg)
+    parallel.check_backend(cfg)
     wd = Workdir(workdir)
     identity = run_identity(cfg, ds)
     try:  # under jax.distributed every process must run the same thing, or the collectives mix runs

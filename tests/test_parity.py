@@ -1,5 +1,6 @@
 """The golden vectors of the authors' PyTorch code replay within tolerance, and the checker can fail."""
 
+import os
 import subprocess
 import sys
 
@@ -24,6 +25,18 @@ def test_cli_exits_zero_on_golden():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "loss/hcl" in proc.stdout and "PASS" in proc.stdout
+    assert proc.stdout.startswith(f"# {golden}: kernel segment_sum, matmul precision highest\n")
+
+
+def test_cli_refuses_a_precision_the_backend_cannot_run():
+    golden = shared_path("golden", "lgmrec_fixed.npz")
+    proc = subprocess.run([sys.executable, "-m", "lgmrec_jax.parity", f"--golden={golden}",
+                           "--matmul_precision=TF32_TF32_F32_X3"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert proc.returncode == 2 and not proc.stdout
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "parity: matmul_precision 'TF32_TF32_F32_X3' does not run on this backend (cpu): The precision "
+        "'TF32_TF32_F32_X3' is not supported by dot_general on CPU")
 
 
 def test_variant_mismatch_fails(tmp_path):

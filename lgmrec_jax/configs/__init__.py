@@ -12,7 +12,11 @@ import ml_collections
 DATASET_CONFIGS = ("baby", "sports", "clothing", "tiny")
 EVAL_NOISE_MODES = ("per_block", "per_eval", "off")
 KERNELS = ("segment_sum", "bcoo", "ell")
-PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16")
+# JAX's precision levels, then two of its dot algorithms that keep float32's accuracy on tensor cores
+# (TF32_TF32_F32_X3: three TF32 passes, GPUs only; BF16_BF16_F32_X6: six bfloat16 passes, which is
+# what "highest" means on a TPU). Which backend runs which is checked by parallel.check_backend.
+PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16",
+              "TF32_TF32_F32_X3", "BF16_BF16_F32_X6")
 FEATURE_DTYPES = ("float32", "bfloat16")
 EVAL_TOPK_METHODS = ("direct", "grouped", "approx")
 METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50))

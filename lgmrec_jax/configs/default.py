@@ -44,7 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_score_chunk = -1
     # (ours) Execution.
     c.kernel = "segment_sum"  # sparse propagation: "segment_sum" | "bcoo"
-    c.matmul_precision = "highest"  # "highest" (fp32, as PyTorch) | "high" | "default" (TF32/bf16 passes)
+    # "highest" (fp32, as PyTorch) | "high" | "default" (TF32/bf16 passes) | "TF32_TF32_F32_X3" (GPUs)
+    # | "BF16_BF16_F32_X6": configs.PRECISIONS
+    c.matmul_precision = "highest"
     c.feature_dtype = "float32"  # "float32" (as PyTorch) | "bfloat16": features stored and projected in bf16
     c.num_devices = 0  # data-parallel devices for the training step; 0 = all local devices
     c.checkpoint_every = 1  # epochs between checkpoints

@@ -1,0 +1,219 @@
+"""How far each accelerator matmul precision lands from the reference, estimated on a CPU.
+
+    python -m experiments.precision_emulation            # both goldens, every emulated algorithm
+
+XLA:CPU computes every float32 product in float32 whatever precision is asked (it ignores the
+bfloat16 multi-pass algorithms and rejects TF32), so a CPU cannot show what TF32 on a GPU or one bf16
+pass on a TPU does to the numbers. This tool replaces the CPU's lowering of ``dot_general`` with an
+exact emulation of the algorithms that accelerators run, and replays the goldens under each
+(``lgmrec_jax.parity.replay``: forward, losses, gradients, one Adam step, evaluation):
+
+  TF32_TF32_F32      one TF32 pass: operands rounded to 11 significant bits (a GPU's "default")
+  TF32_TF32_F32_X3   operands split into two TF32 parts; three products (hi*lo + lo*hi + hi*hi)
+  BF16_BF16_F32      one bfloat16 pass (8 significant bits; a TPU's "default")
+  BF16_BF16_F32_X3   three parts' products (a TPU's "high")
+  BF16_BF16_F32_X6   six (a TPU's "highest"; also an option on GPUs)
+
+Each product of parts is exact in float32 (at most 22 significant bits), and XLA:CPU accumulates it
+in float32, as the tensor cores do; only the order of the float32 sums differs from a real device.
+The parts are taken and summed smallest first, which is how XLA's GPU rewrite of these algorithms
+orders them. TF32 rounding is to nearest, ties away from zero (the hardware's cvt.rna). What a real
+device gives is measured by ``python -m lgmrec_jax.parity --matmul_precision=...`` on that device
+(``experiments/device_check.sh`` stage ``parity``); this is the estimate before one is at hand.
+
+Writes ``<out>/precision_emulation_<tag>.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from jax import lax
+from jax._src.interpreters import mlir
+from jax._src.lax import lax as lax_internal
+
+from experiments import bench
+from lgmrec_jax import parity
+from lgmrec_jax.run import write_json_atomic
+
+Preset = lax.DotAlgorithmPreset
+# algorithm -> (rounding of one part, number of parts, the (i, j) part products in summation order)
+EMULATED = {
+    Preset.TF32_TF32_F32: ("tf32", 1, ((0, 0),)),
+    Preset.TF32_TF32_F32_X3: ("tf32", 2, ((0, 1), (1, 0), (0, 0))),
+    Preset.BF16_BF16_F32: ("bf16", 1, ((0, 0),)),
+    Preset.BF16_BF16_F32_X3: ("bf16", 2, ((0, 1), (1, 0), (0, 0))),
+    Preset.BF16_BF16_F32_X6: ("bf16", 3, ((2, 0), (1, 1), (0, 2), (0, 1), (1, 0), (0, 0))),
+}
+REPLAYED = ("highest",) + tuple(p.name for p in EMULATED)
+GOLDENS = ("lgmrec_fixed", "lgmrec_legacy")
+
+
+def round_tf32(x: jax.Array) -> jax.Array:
+    """float32 -> the nearest TF32 value (10 stored significand bits), ties away from zero. Finite
+    values below float32's largest TF32-rounded magnitude only (the products here are far from it)."""
+    bits = lax.bitcast_convert_type(x, jnp.uint32)
+    return lax.bitcast_convert_type((bits + jnp.uint32(0x1000)) & jnp.uint32(0xFFFFE000), jnp.float32)
+
+
+def round_bf16(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.bfloat16).astype(jnp.float32)
+
+
+def split(x: jax.Array, rounding: str, n_parts: int) -> list[jax.Array]:
+    """x as n_parts values of the rounding's format whose sum approximates x (hi first)."""
+    to_part = round_tf32 if rounding == "tf32" else round_bf16
+    parts, rest = [], x.astype(jnp.float32)
+    for _ in range(n_parts):
+        parts.append(to_part(rest))
+        rest = rest - parts[-1]
+    return parts
+
+
+def emulated_dot(lhs, rhs, *, algorithm: Preset, dimension_numbers, out_dtype):
+    rounding, n_parts, products = EMULATED[algorithm]
+    lhs_parts, rhs_parts = split(lhs, rounding, n_parts), split(rhs, rounding, n_parts)
+    total = None
+    for i, j in products:  # each product exact in float32, accumulated in float32
+        term = lax.dot_general(lhs_parts[i], rhs_parts[j], dimension_numbers,
+                               precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+        total = term if total is None else total + term
+    return total.astype(out_dtype)
+
+
+@contextlib.contextmanager
+def emulating_dot_algorithms():
+    """Within the block, CPU programs compute the EMULATED algorithms exactly as accelerators do (JAX's
+    caches are cleared on entry and exit, so no program compiled outside the block is reused in it
+    or the other way round). Every other precision lowers as before."""
+    table = mlir._platform_specific_lowerings["cpu"]
+    original = table[lax_internal.dot_general_p]
+
+    def lowering(ctx, lhs, rhs, *, dimension_numbers, precision, preferred_element_type, **params):
+        if precision in EMULATED:
+            fn = functools.partial(emulated_dot, algorithm=precision, dimension_numbers=dimension_numbers,
+                                   out_dtype=ctx.avals_out[0].dtype)
+            return mlir.lower_fun(fn, multiple_results=False)(ctx, lhs, rhs)
+        return original.rule(ctx, lhs, rhs, dimension_numbers=dimension_numbers, precision=precision,
+                             preferred_element_type=preferred_element_type, **params)
+
+    jax.clear_caches()
+    mlir.register_lowering(lax_internal.dot_general_p, lowering, platform="cpu")
+    try:
+        yield
+    finally:
+        table[lax_internal.dot_general_p] = original
+        jax.clear_caches()
+
+
+def replay_all(golden_dir: str, goldens=GOLDENS, precisions=REPLAYED, kernel: str = "segment_sum") -> dict:
+    """{golden: {precision: [parity.Row, ...]}} with the algorithms emulated."""
+    out = {}
+    with emulating_dot_algorithms():
+        for name in goldens:
+            g = parity.load_golden(os.path.join(golden_dir, f"{name}.npz"))
+            out[name] = {}
+            for precision in precisions:
+                with jax.default_matmul_precision(precision):
+                    out[name][precision] = parity.replay(g, kernel)
+    return out
+
+
+def group(row_name: str) -> str:
+    return row_name.split("/")[0].replace("metrics_", "")
+
+
+def summary(rows: list) -> dict:
+    """Per quantity group (train, loss, grad, adam1, eval, valid, test): the largest error as a multiple
+    of its tolerance (None for groups compared exactly: top-50 lists and metrics), and the failing rows."""
+    out = {}
+    for r in rows:
+        g = out.setdefault(group(r.name), {"worst": None, "worst_row": None, "failed": []})
+        if r.tolerance and (g["worst"] is None or r.error / r.tolerance > g["worst"]):
+            g["worst"], g["worst_row"] = r.error / r.tolerance, r.name
+        if not r.passed:
+            g["failed"].append(r.name)
+    return out
+
+
+def cell(group_summary: dict) -> str:
+    worst, failed = group_summary["worst"], group_summary["failed"]
+    text = "exact" if worst is None and not failed else ("" if worst is None else f"{worst:.3g}")
+    return (text + f" ✗{len(failed)}").strip() if failed else text
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [
+        "# Matmul precisions against the goldens, emulated on a CPU",
+        "",
+        f"`{report['command']}` ({report['started']}; {m['cpu']}, {m['cpu_count']} cores; jax "
+        f"{m['versions'].get('jax')}; commit {m['git']['commit'][:10]}). Every accelerator algorithm is "
+        "emulated exactly on the CPU (`experiments/precision_emulation.py`: parts rounded to TF32 or "
+        "bfloat16, products exact, float32 accumulation), then the goldens are replayed "
+        "(`lgmrec_jax.parity.replay`). Each cell: the largest error of that group of quantities as a "
+        "multiple of its tolerance (the goldens' float32 tolerances: values 2e-6 relative, gradients "
+        "2e-5 relative, one Adam step 5e-5 absolute), *exact* where the top-50 lists and metrics are the "
+        "recorded ones, and ✗ with the number of failing rows where any fail. An estimate: a real "
+        "device sums in another order.",
+        "",
+    ]
+    for name, by_precision in report["goldens"].items():
+        groups = list(next(iter(by_precision.values())).keys())
+        lines += [f"## {name}", "", "| precision | " + " | ".join(groups) + " | rows failed |",
+                  "|---|" + "---|" * (len(groups) + 1)]
+        for precision, per_group in by_precision.items():
+            n_failed = sum(len(s["failed"]) for s in per_group.values())
+            lines.append(f"| {precision} | " + " | ".join(cell(per_group[g]) for g in groups) + f" | {n_failed} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("golden_dir", os.path.join("..", "shared", "golden"), "Folder of the golden .npz files.")
+flags.DEFINE_list("precisions", list(REPLAYED), "Precisions to replay: highest and the emulated algorithms.")
+flags.DEFINE_string("out", os.path.join("experiments", "results"), "Folder of the written results.")
+flags.DEFINE_string("tag", "cpu", "File tag: precision_emulation_<tag>.{json,md}.")
+
+
+def main(argv):
+    del argv
+    unknown = [p for p in FLAGS.precisions if p not in REPLAYED]
+    if unknown:
+        print(f"error: --precisions: {unknown} not among {list(REPLAYED)}", file=sys.stderr)
+        return 2
+    missing = [g for g in GOLDENS if not os.path.exists(os.path.join(FLAGS.golden_dir, f"{g}.npz"))]
+    if missing:
+        print(f"error: {FLAGS.golden_dir}: no {', '.join(missing)}.npz (the goldens live in ../shared/golden)",
+              file=sys.stderr)
+        return 2
+    if jax.default_backend() != "cpu":
+        print("error: the emulation replaces the CPU's lowering: run it with JAX_PLATFORMS=cpu", file=sys.stderr)
+        return 2
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    rows = replay_all(FLAGS.golden_dir, precisions=tuple(FLAGS.precisions))
+    report = {
+        "command": "python -m experiments.precision_emulation " + " ".join(sys.argv[1:]),
+        "started": started, "machine": bench.machine(),
+        "goldens": {name: {p: summary(r) for p, r in by.items()} for name, by in rows.items()},
+        "rows": {name: {p: [r._asdict() for r in rs] for p, rs in by.items()} for name, by in rows.items()},
+    }
+    os.makedirs(FLAGS.out, exist_ok=True)
+    stem = os.path.join(FLAGS.out, f"precision_emulation_{FLAGS.tag}")
+    write_json_atomic(stem + ".json", report)
+    with open(stem + ".md", "w") as f:
+        f.write(markdown(report))
+    print(markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,126 @@
+"""Matmul precisions: the dot algorithms reach every product of the step, backends refuse what they
+cannot run, and the CPU emulation of the accelerators' algorithms (experiments/precision_emulation.py)
+computes what those algorithms compute."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from experiments import precision_emulation as emulation
+from lgmrec_jax import configs, graph as graph_lib, losses, parallel, parity, trainer
+from test_model import small_config, toy_dataset
+
+
+def tf32_reference(x: np.ndarray) -> np.ndarray:
+    """Round to 11 significant bits, ties away from zero, in float64 (independent of the bit trick)."""
+    mantissa, exponent = np.frexp(x.astype(np.float64))  # |mantissa| in [0.5, 1)
+    rounded = np.sign(mantissa) * np.floor(np.abs(mantissa) * 2.0**11 + 0.5) / 2.0**11
+    return np.ldexp(rounded, exponent).astype(np.float32)
+
+
+def test_tf32_rounding_by_hand_and_against_float64():
+    ulp = np.float32(2.0**-10)  # TF32's spacing at 1
+    x = np.array([1.0, 1 + ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 - 2**-23, 1 + 3 * ulp / 4, 0.0], np.float32)
+    want = np.array([1.0, 1 + ulp, -(1 + ulp), 1.0, 1 + ulp, 0.0], np.float32)  # ties away from zero
+    np.testing.assert_array_equal(np.asarray(emulation.round_tf32(jnp.asarray(x))), want)
+    rng = np.random.default_rng(0)
+    values = (rng.standard_normal(100_000) * 10.0 ** rng.integers(-20, 20, 100_000)).astype(np.float32)
+    got = np.asarray(emulation.round_tf32(jnp.asarray(values)))
+    np.testing.assert_array_equal(got, tf32_reference(values))
+
+
+@pytest.fixture(scope="module")
+def operands():
+    rng = np.random.default_rng(1)
+    return rng.standard_normal((64, 4096)).astype(np.float32), rng.standard_normal((4096, 32)).astype(np.float32)
+
+
+def emulated_product(precision, a, b):
+    with emulation.emulating_dot_algorithms(), jax.default_matmul_precision(precision):
+        return np.asarray(jax.jit(jnp.matmul)(a, b)).astype(np.float64)
+
+
+def test_one_tf32_pass_multiplies_the_rounded_operands(operands):
+    a, b = operands
+    want = tf32_reference(a).astype(np.float64) @ tf32_reference(b).astype(np.float64)
+    got = emulated_product("TF32_TF32_F32", a, b)
+    scale = np.abs(want).max()
+    assert np.abs(got - want).max() / scale < 2e-6  # only float32 accumulation apart
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    assert np.abs(got - exact).max() / scale > 1e-4  # and far from the float32 product
+
+
+def test_multi_pass_algorithms_reach_float32_accuracy(operands):
+    a, b = operands
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    scale = np.abs(exact).max()
+    error = {p: np.abs(emulated_product(p, a, b) - exact).max() / scale
+             for p in ("highest", "TF32_TF32_F32_X3", "BF16_BF16_F32", "BF16_BF16_F32_X3", "BF16_BF16_F32_X6")}
+    assert error["BF16_BF16_F32"] > 1e-3  # 8 significant bits
+    assert 1e-6 < error["BF16_BF16_F32_X3"] < 1e-4  # 16 bits from two parts
+    for p in ("TF32_TF32_F32_X3", "BF16_BF16_F32_X6"):  # float32's own error, within a small factor
+        assert error[p] < 3 * error["highest"] + 1e-7, error
+
+
+def test_emulation_is_undone_on_exit(operands):
+    a, b = operands
+    with pytest.raises(ValueError, match="not supported by dot_general on CPU"):
+        with jax.default_matmul_precision("TF32_TF32_F32_X3"):
+            jax.jit(jnp.matmul)(a, b)
+    emulated_product("TF32_TF32_F32_X3", a, b)
+    with pytest.raises(ValueError, match="not supported by dot_general on CPU"):
+        with jax.default_matmul_precision("TF32_TF32_F32_X3"):
+            jax.jit(jnp.matmul)(a, b)
+
+
+def test_goldens_under_emulated_algorithms():
+    """One TF32 pass lands far outside the goldens' float32 tolerances; three passes stay inside them
+    (the estimate that makes TF32_TF32_F32_X3 a candidate for a faithful GPU default)."""
+    g = parity.load_golden(shared_path("golden", "lgmrec_fixed.npz"))
+    rows = {}
+    with emulation.emulating_dot_algorithms():
+        for precision in ("TF32_TF32_F32", "TF32_TF32_F32_X3"):
+            with jax.default_matmul_precision(precision):
+                rows[precision] = {r.name: r for r in parity.replay(g, "segment_sum")}
+    one_pass = rows["TF32_TF32_F32"]["train/user_out"]
+    assert one_pass.error > 50 * one_pass.tolerance
+    assert all(r.passed for r in rows["TF32_TF32_F32_X3"].values()), \
+        [r for r in rows["TF32_TF32_F32_X3"].values() if not r.passed]
+
+
+def test_backend_check_names_the_precision_and_the_backend():
+    parallel.check_matmul_precision("BF16_BF16_F32_X6")  # XLA:CPU runs it (as float32)
+    with pytest.raises(configs.ConfigError, match=r"matmul_precision 'TF32_TF32_F32_X3' does not run on this "
+                                                  r"backend \(cpu\)"):
+        parallel.check_matmul_precision("TF32_TF32_F32_X3")
+    cfg = small_config()
+    cfg.matmul_precision = "TF32_TF32_F32_X4"
+    with pytest.raises(configs.ConfigError, match="matmul_precision is 'TF32_TF32_F32_X4', expected one of"):
+        configs.validate(cfg)
+
+
+@pytest.mark.parametrize("precision,algorithm", [
+    ("TF32_TF32_F32_X3", "lhs_precision_type = tf32, rhs_precision_type = tf32, accumulation_type = f32, "
+                         "lhs_component_count = 1, rhs_component_count = 1, num_primitive_operations = 3"),
+    ("BF16_BF16_F32_X6", "lhs_precision_type = bf16, rhs_precision_type = bf16, accumulation_type = f32, "
+                         "lhs_component_count = 1, rhs_component_count = 1, num_primitive_operations = 6"),
+])
+def test_every_product_of_the_gpu_step_carries_the_algorithm(precision, algorithm):
+    """The training step lowered for a GPU (no GPU needed): every dot_general of the forward pass,
+    both losses and the gradient is computed with the configured algorithm."""
+    ds, cfg = toy_dataset(), small_config()
+    model, optimizer = trainer.make_model(cfg, ds), trainer.make_optimizer(cfg.learning_rate)
+    g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
+    feats = trainer.device_features(ds)
+    state = trainer.init_state(model, optimizer, g, feats, seed=1)
+    batch = losses.Batch(jnp.arange(6), jnp.arange(6) % ds.n_items, jnp.full(6, 2), jnp.ones(6))
+    step = jax.jit(trainer.make_train_step(model, optimizer, cfg))
+    with jax.default_matmul_precision(precision):
+        lowered = step.trace(state, g, feats, batch, jax.random.PRNGKey(5)).lower(lowering_platforms=("cuda",))
+    dots = re.findall(r"stablehlo\.dot_general .*", lowered.as_text())
+    assert len(dots) >= 20  # forward and backward products of both modalities, both losses
+    assert all(algorithm in d for d in dots), [d for d in dots if algorithm not in d][:2]
