@@ -34,7 +34,6 @@ import sys
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 from jax import lax
 from jax._src.interpreters import mlir
