@@ -200,7 +200,7 @@ def main(argv):
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     rows = replay_all(FLAGS.golden_dir, precisions=tuple(FLAGS.precisions))
     report = {
-        "command": "python -m experiments.precision_emulation " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python -m experiments.precision_emulation", *sys.argv[1:]]),
         "started": started, "machine": bench.machine(),
         "goldens": {name: {p: summary(r) for p, r in by.items()} for name, by in rows.items()},
         "rows": {name: {p: [r._asdict() for r in rs] for p, rs in by.items()} for name, by in rows.items()},
