@@ -53,6 +53,7 @@ Recall@20). The reference's ``quick_start`` keeps the combination with the best 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -695,6 +696,10 @@ def define_flags() -> None:
     flags.DEFINE_string("compilation_cache_dir", None, "JAX persistent compilation cache (default: $LGMREC_JAX_CACHE "
                         "or ~/.cache/lgmrec_jax/xla; '' = off).")
     flags.DEFINE_bool("dry_run", False, "Print the configs and program groups of this shard; train nothing.")
+    flags.DEFINE_enum("emulate_precision", None, ["gpu", "tpu"], "On a CPU, compute every product the way "
+                      "that accelerator computes the configs' matmul_precision (experiments/precision_emulation.py:"
+                      " TF32 or bfloat16 passes, emulated exactly); default workdir runs/grid/<grid>/"
+                      "<dataset>_emulated_<gpu|tpu>.")
     distributed.define_flags()
 
 
@@ -729,9 +734,22 @@ def main(argv):
                 print(f"{gid}: {len(chunk)} config(s): {', '.join(p.cid for p in chunk[:8])}"
                       + (" ..." if len(chunk) > 8 else ""))
             return
-        result = run_grid(FLAGS.grid, FLAGS.dataset, FLAGS.data_dir, FLAGS.workdir, overrides, seeds,
-                          (index, count), FLAGS.devices, FLAGS.max_group, FLAGS.mode, FLAGS.repack, FLAGS.restart,
-                          FLAGS.eval_chunk or None, batching=FLAGS.batching)
+        workdir, emulation = FLAGS.workdir, contextlib.nullcontext()
+        if FLAGS.emulate_precision:  # its numbers are not a plain run's: never in a plain run's workdir
+            import jax
+
+            from experiments import precision_emulation
+
+            if jax.default_backend() != "cpu":
+                raise GridError(f"--emulate_precision replaces the CPU's products; this is a "
+                                f"{jax.default_backend()} (run with JAX_PLATFORMS=cpu, or drop the flag)")
+
+            workdir = workdir or f"{default_workdir(FLAGS.grid, FLAGS.dataset)}_emulated_{FLAGS.emulate_precision}"
+            emulation = precision_emulation.emulating_dot_algorithms(FLAGS.emulate_precision)
+        with emulation:
+            result = run_grid(FLAGS.grid, FLAGS.dataset, FLAGS.data_dir, workdir, overrides, seeds,
+                              (index, count), FLAGS.devices, FLAGS.max_group, FLAGS.mode, FLAGS.repack,
+                              FLAGS.restart, FLAGS.eval_chunk or None, batching=FLAGS.batching)
     except (GridError, DatasetError, RunError, ValueError) as err:  # ValueError: also DistributedError
         fail(str(err))
     except NonFiniteError as err:

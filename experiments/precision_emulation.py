@@ -31,6 +31,7 @@ import datetime
 import functools
 import os
 import sys
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,14 @@ EMULATED = {
     Preset.BF16_BF16_F32: ("bf16", 1, ((0, 0),)),
     Preset.BF16_BF16_F32_X3: ("bf16", 2, ((0, 1), (1, 0), (0, 0))),
     Preset.BF16_BF16_F32_X6: ("bf16", 3, ((2, 0), (1, 1), (0, 2), (0, 1), (1, 0), (0, 0))),
+}
+# What JAX's precision levels mean on each accelerator (jax.lax.Precision): on NVIDIA GPUs "default"
+# and "high" are one TF32 pass and "highest" is float32; on TPUs they are one, three and six bfloat16
+# passes. ``emulating_dot_algorithms(as_backend=...)`` computes the levels that way on the CPU.
+LEVELS = {
+    "gpu": {lax.Precision.DEFAULT: Preset.TF32_TF32_F32, lax.Precision.HIGH: Preset.TF32_TF32_F32},
+    "tpu": {lax.Precision.DEFAULT: Preset.BF16_BF16_F32, lax.Precision.HIGH: Preset.BF16_BF16_F32_X3,
+            lax.Precision.HIGHEST: Preset.BF16_BF16_F32_X6},
 }
 REPLAYED = ("highest",) + tuple(p.name for p in EMULATED)
 GOLDENS = ("lgmrec_fixed", "lgmrec_legacy")
@@ -82,23 +91,38 @@ def emulated_dot(lhs, rhs, *, algorithm: Preset, dimension_numbers, out_dtype):
     lhs_parts, rhs_parts = split(lhs, rounding, n_parts), split(rhs, rounding, n_parts)
     total = None
     for i, j in products:  # each product exact in float32, accumulated in float32
+        # F32_F32_F32, not HIGHEST: as_backend="tpu" emulates HIGHEST, and this must lower as XLA:CPU's.
         term = lax.dot_general(lhs_parts[i], rhs_parts[j], dimension_numbers,
-                               precision=lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+                               precision=Preset.F32_F32_F32, preferred_element_type=jnp.float32)
         total = term if total is None else total + term
     return total.astype(out_dtype)
 
 
+def emulated_algorithm(precision, as_backend: Optional[str]) -> Optional[Preset]:
+    """The algorithm to emulate for a dot_general's ``precision`` parameter (a preset, a pair of
+    levels, or None for the default level), or None to lower it as XLA:CPU does."""
+    if isinstance(precision, Preset):
+        return precision if precision in EMULATED else None
+    levels = LEVELS.get(as_backend, {})
+    pair = precision if precision is not None else (lax.Precision.DEFAULT, lax.Precision.DEFAULT)
+    return levels.get(max(pair, key=lambda level: level.value))
+
+
 @contextlib.contextmanager
-def emulating_dot_algorithms():
-    """Within the block, CPU programs compute the EMULATED algorithms exactly as accelerators do (JAX's
-    caches are cleared on entry and exit, so no program compiled outside the block is reused in it
-    or the other way round). Every other precision lowers as before."""
+def emulating_dot_algorithms(as_backend: Optional[str] = None):
+    """Within the block, CPU programs compute the EMULATED algorithms exactly as accelerators do, and
+    with ``as_backend`` ("gpu" or "tpu") JAX's precision levels as that backend does (LEVELS). JAX's
+    caches are cleared on entry and exit, so no program compiled outside the block is reused in it or
+    the other way round. Everything else lowers as before."""
+    if as_backend is not None and as_backend not in LEVELS:
+        raise ValueError(f"as_backend is {as_backend!r}, expected one of {sorted(LEVELS)}")
     table = mlir._platform_specific_lowerings["cpu"]
     original = table[lax_internal.dot_general_p]
 
     def lowering(ctx, lhs, rhs, *, dimension_numbers, precision, preferred_element_type, **params):
-        if precision in EMULATED:
-            fn = functools.partial(emulated_dot, algorithm=precision, dimension_numbers=dimension_numbers,
+        algorithm = emulated_algorithm(precision, as_backend)
+        if algorithm is not None:
+            fn = functools.partial(emulated_dot, algorithm=algorithm, dimension_numbers=dimension_numbers,
                                    out_dtype=ctx.avals_out[0].dtype)
             return mlir.lower_fun(fn, multiple_results=False)(ctx, lhs, rhs)
         return original.rule(ctx, lhs, rhs, dimension_numbers=dimension_numbers, precision=precision,

@@ -388,3 +388,22 @@ def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_
     assert {s["status"] for s in result["summaries"].values()} == {"max_epochs"}
     for cid in result["configs"]:
         assert len(read_jsonl(workdir / "configs" / cid / "metrics.jsonl")) == 3
+
+
+def test_emulated_precision_grid_computes_the_accelerators_products(synthetic_dir, tmp_path):
+    """--emulate_precision=tpu trains with a TPU's one-pass bfloat16 products for precision 'default'
+    (on a CPU otherwise float32), in a workdir of its own."""
+    g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
+    common = [sys.executable, "-m", "experiments.grid", f"--grid={g}", "--dataset=synthetic_tiny",
+              f"--data_dir={synthetic_dir}", "--compilation_cache_dir=", "--config.epochs=1",
+              "--config.matmul_precision=default"]
+    env = {**os.environ, "PYTHONPATH": REPO}
+    losses = {}
+    for name, extra in (("plain", [f"--workdir={tmp_path / 'plain'}"]), ("tpu", ["--emulate_precision=tpu"])):
+        proc = subprocess.run(common + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        workdir = os.path.join(tmp_path, json.loads(proc.stdout[proc.stdout.index("{"):])["workdir"])
+        (config_dir,) = [os.path.join(workdir, "configs", c) for c in os.listdir(os.path.join(workdir, "configs"))]
+        losses[name] = read_jsonl(os.path.join(config_dir, "metrics.jsonl"))[0]["loss"]["bpr"]
+    assert os.path.realpath(workdir) == os.path.realpath(tmp_path / "runs" / "grid" / "g" / "synthetic_tiny_emulated_tpu")
+    assert 1e-6 < abs(losses["tpu"] - losses["plain"]) / losses["plain"] < 1e-1, losses

@@ -39,8 +39,8 @@ def operands():
     return rng.standard_normal((64, 4096)).astype(np.float32), rng.standard_normal((4096, 32)).astype(np.float32)
 
 
-def emulated_product(precision, a, b):
-    with emulation.emulating_dot_algorithms(), jax.default_matmul_precision(precision):
+def emulated_product(precision, a, b, as_backend=None):
+    with emulation.emulating_dot_algorithms(as_backend), jax.default_matmul_precision(precision):
         return np.asarray(jax.jit(jnp.matmul)(a, b)).astype(np.float64)
 
 
@@ -64,6 +64,15 @@ def test_multi_pass_algorithms_reach_float32_accuracy(operands):
     assert 1e-6 < error["BF16_BF16_F32_X3"] < 1e-4  # 16 bits from two parts
     for p in ("TF32_TF32_F32_X3", "BF16_BF16_F32_X6"):  # float32's own error, within a small factor
         assert error[p] < 3 * error["highest"] + 1e-7, error
+
+
+@pytest.mark.parametrize("as_backend,level,algorithm", [
+    ("tpu", "default", "BF16_BF16_F32"), ("tpu", "high", "BF16_BF16_F32_X3"), ("tpu", "highest", "BF16_BF16_F32_X6"),
+    ("gpu", "default", "TF32_TF32_F32"), ("gpu", "high", "TF32_TF32_F32"), ("gpu", "highest", "F32_F32_F32"),
+])
+def test_precision_levels_as_each_accelerator_computes_them(operands, as_backend, level, algorithm):
+    a, b = operands[0][:, :512], operands[1][:512]
+    np.testing.assert_array_equal(emulated_product(level, a, b, as_backend), emulated_product(algorithm, a, b))
 
 
 def test_emulation_is_undone_on_exit(operands):
