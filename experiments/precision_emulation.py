@@ -227,7 +227,7 @@ def main(argv):
         "command": " ".join(["python -m experiments.precision_emulation", *sys.argv[1:]]),
         "started": started, "machine": bench.machine(),
         "goldens": {name: {p: summary(r) for p, r in by.items()} for name, by in rows.items()},
-        "rows": {name: {p: [r._asdict() for r in rs] for p, rs in by.items()} for name, by in rows.items()},
+        "errors": {name: {p: {r.name: r.error for r in rs} for p, rs in by.items()} for name, by in rows.items()},
     }
     os.makedirs(FLAGS.out, exist_ok=True)
     stem = os.path.join(FLAGS.out, f"precision_emulation_{FLAGS.tag}")
