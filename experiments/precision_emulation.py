@@ -15,11 +15,11 @@ exact emulation of the algorithms that accelerators run, and replays the goldens
   BF16_BF16_F32_X6   six (a TPU's "highest"; also an option on GPUs)
 
 Each product of parts is exact in float32 (at most 22 significant bits), and XLA:CPU accumulates it
-in float32, as the tensor cores do; only the order of the float32 sums differs from a real device.
-The parts are taken and summed smallest first, which is how XLA's GPU rewrite of these algorithms
-orders them. TF32 rounding is to nearest, ties away from zero (the hardware's cvt.rna). What a real
-device gives is measured by ``python -m lgmrec_jax.parity --matmul_precision=...`` on that device
-(``experiments/device_check.sh`` stage ``parity``); this is the estimate before one is at hand.
+in float32, as the tensor cores do. The partial products are summed smallest first. TF32 rounding
+is to nearest, ties away from zero (PTX's cvt.rna.tf32.f32). A real device may sum in another order,
+and its kernels may round operands another way (truncate, or to nearest even); what it gives is
+measured by ``python -m lgmrec_jax.parity --matmul_precision=...`` on that device
+(``experiments/device_check.sh`` stage ``parity``). This is the estimate before one is at hand.
 
 Writes ``<out>/precision_emulation_<tag>.{json,md}``.
 """
