@@ -53,7 +53,6 @@ Recall@20). The reference's ``quick_start`` keeps the combination with the best 
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -229,8 +228,9 @@ def expand(name: str, dataset: str, base_cfg, seeds: Optional[list[int]] = None)
 
 
 def resolve(points: list[Point], base_cfg, name: str) -> list[Point]:
-    """Sets each point's resolved config (base updated with its overrides) and validates it."""
-    from lgmrec_jax import configs
+    """Sets each point's resolved config (base updated with its overrides) and validates it, its
+    matmul precision against this backend included."""
+    from lgmrec_jax import configs, parallel
 
     for p in points:
         cfg = base_cfg.copy_and_resolve_references()
@@ -241,6 +241,7 @@ def resolve(points: list[Point], base_cfg, name: str) -> list[Point]:
                 raise GridError(f"grid {grid_name(name)!r}, config {p.cid}: {key}={value!r}: {err}") from None
         try:
             configs.validate(cfg)
+            parallel.check_matmul_precision(cfg.matmul_precision)
         except configs.ConfigError as err:
             raise GridError(f"grid {grid_name(name)!r}, config {p.cid}: {err}") from None
         p.cfg = cfg
@@ -331,11 +332,13 @@ def base_config(dataset: str, overrides: Optional[dict] = None):
 
 
 def manifest_of(name: str, dataset: str, points: list[Point], base_overrides: dict, seeds, valid_metric: str,
-                grid_path: Optional[str] = None) -> dict:
+                grid_path: Optional[str] = None, emulate_precision: Optional[str] = None) -> dict:
     """What grid.json records: enough to expand the grid again (grid_merge does), and its configs."""
     manifest = {"grid": grid_name(name), "grid_source": grid_path or name, "dataset": dataset,
                 "base_overrides": base_overrides, "seeds": seeds, "n_configs": len(points),
                 "swept": swept_keys(points), "valid_metric": valid_metric}
+    if emulate_precision:  # its products are not this machine's own (experiments/precision_emulation.py)
+        manifest["emulate_precision"] = emulate_precision
     if len(points) <= MANIFEST_LIST_LIMIT:
         manifest["configs"] = [p.manifest() for p in points]
     return manifest
@@ -362,8 +365,30 @@ def run_grid(name: str, dataset: str, data_dir: str, workdir: Optional[str] = No
              base_overrides: Optional[dict] = None, seeds: Optional[list[int]] = None,
              shard: tuple[int, int] = (0, 1), devices: int = 1, max_group: int = 64, mode: str = "group",
              repack: bool = True, restart: bool = False, eval_chunk: Optional[int] = None,
-             stop_after_epochs: Optional[int] = None, plots: bool = True, batching: str = "map") -> dict:
-    """Runs (or resumes) shard ``shard`` of grid ``name``; returns {"summaries": {cid: summary}, ...}."""
+             stop_after_epochs: Optional[int] = None, plots: bool = True, batching: str = "map",
+             emulate_precision: Optional[str] = None) -> dict:
+    """Runs (or resumes) shard ``shard`` of grid ``name``; returns {"summaries": {cid: summary}, ...}.
+    ``emulate_precision`` ("gpu" or "tpu", CPUs only) computes every product as that accelerator
+    computes the configs' matmul precision (experiments/precision_emulation.py); such a grid has a
+    workdir of its own by default and is never resumed as a plain one, nor the other way round."""
+    import jax
+
+    args = (name, dataset, data_dir, workdir, base_overrides, seeds, shard, devices, max_group, mode, repack,
+            restart, eval_chunk, stop_after_epochs, plots, batching)
+    if not emulate_precision:
+        return _run_grid(*args)
+    from experiments import precision_emulation
+
+    if jax.default_backend() != "cpu":
+        raise GridError(f"emulate_precision replaces the CPU's products; this is a {jax.default_backend()} "
+                        f"(run with JAX_PLATFORMS=cpu, or without it)")
+    workdir = workdir or f"{default_workdir(name, dataset)}_emulated_{emulate_precision}"
+    with precision_emulation.emulating_dot_algorithms(emulate_precision):
+        return _run_grid(*args[:3], workdir, *args[4:], emulate_precision=emulate_precision)
+
+
+def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, devices, max_group, mode, repack,
+              restart, eval_chunk, stop_after_epochs, plots, batching, emulate_precision=None) -> dict:
     import jax
 
     from lgmrec_jax import distributed, multi, run as run_lib
@@ -394,7 +419,12 @@ def run_grid(name: str, dataset: str, data_dir: str, workdir: Optional[str] = No
                                                                       for g, _ in groups]:
                 shutil.rmtree(path, ignore_errors=True)
     grid_path = os.path.abspath(name) if name.endswith(".py") else None
-    manifest = manifest_of(name, dataset, points, base_overrides, seeds, base.valid_metric, grid_path)
+    manifest = manifest_of(name, dataset, points, base_overrides, seeds, base.valid_metric, grid_path,
+                           emulate_precision)
+    before = read_json(os.path.join(workdir, "grid.json"))
+    if before is not None and before.get("emulate_precision") != emulate_precision:
+        raise GridError(f"{workdir} holds a grid run with emulate_precision={before.get('emulate_precision')}, "
+                        f"this one has {emulate_precision}: their results must not mix; choose another --workdir")
     os.makedirs(workdir, exist_ok=True)
     write_json_unique(os.path.join(workdir, "grid.json"), manifest)
     ds = load_dataset(data_dir, dataset)
@@ -534,6 +564,9 @@ def markdown(manifest: dict, rows: list[dict]) -> str:
              + (f", {len(rows) - n_done} missing (not run or not finished)" if n_done < len(rows) else "") + ".",
              "Values are mean ± sample standard deviation over the seeds of a setting, each taken at that "
              "run's best validation epoch (early stopping on the rounded validation metric).", "",
+             *([f"**Emulated**: every product was computed on a CPU as a {manifest['emulate_precision'].upper()} "
+                "computes the configs' matmul precision (`--emulate_precision`, experiments/precision_emulation.py).",
+                ""] if manifest.get("emulate_precision") else []),
              f"**Selection is by validation**: ★ marks the setting with the best mean valid {vm}. The reference's "
              f"grid search (`quick_start`) keeps the combination with the best *test* Recall@20 instead "
              f"(SPEC §4.6), i.e. it selects on the test set"
@@ -698,7 +731,7 @@ def define_flags() -> None:
     flags.DEFINE_bool("dry_run", False, "Print the configs and program groups of this shard; train nothing.")
     flags.DEFINE_enum("emulate_precision", None, ["gpu", "tpu"], "On a CPU, compute every product the way "
                       "that accelerator computes the configs' matmul_precision (experiments/precision_emulation.py:"
-                      " TF32 or bfloat16 passes, emulated exactly); default workdir runs/grid/<grid>/"
+                      " TF32 or bfloat16 passes); default workdir runs/grid/<grid>/"
                       "<dataset>_emulated_<gpu|tpu>.")
     distributed.define_flags()
 
@@ -734,22 +767,10 @@ def main(argv):
                 print(f"{gid}: {len(chunk)} config(s): {', '.join(p.cid for p in chunk[:8])}"
                       + (" ..." if len(chunk) > 8 else ""))
             return
-        workdir, emulation = FLAGS.workdir, contextlib.nullcontext()
-        if FLAGS.emulate_precision:  # its numbers are not a plain run's: never in a plain run's workdir
-            import jax
-
-            from experiments import precision_emulation
-
-            if jax.default_backend() != "cpu":
-                raise GridError(f"--emulate_precision replaces the CPU's products; this is a "
-                                f"{jax.default_backend()} (run with JAX_PLATFORMS=cpu, or drop the flag)")
-
-            workdir = workdir or f"{default_workdir(FLAGS.grid, FLAGS.dataset)}_emulated_{FLAGS.emulate_precision}"
-            emulation = precision_emulation.emulating_dot_algorithms(FLAGS.emulate_precision)
-        with emulation:
-            result = run_grid(FLAGS.grid, FLAGS.dataset, FLAGS.data_dir, workdir, overrides, seeds,
-                              (index, count), FLAGS.devices, FLAGS.max_group, FLAGS.mode, FLAGS.repack,
-                              FLAGS.restart, FLAGS.eval_chunk or None, batching=FLAGS.batching)
+        result = run_grid(FLAGS.grid, FLAGS.dataset, FLAGS.data_dir, FLAGS.workdir, overrides, seeds,
+                          (index, count), FLAGS.devices, FLAGS.max_group, FLAGS.mode, FLAGS.repack, FLAGS.restart,
+                          FLAGS.eval_chunk or None, batching=FLAGS.batching,
+                          emulate_precision=FLAGS.emulate_precision)
     except (GridError, DatasetError, RunError, ValueError) as err:  # ValueError: also DistributedError
         fail(str(err))
     except NonFiniteError as err:

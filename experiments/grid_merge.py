@@ -23,7 +23,7 @@ from absl import app, flags
 from experiments import grid as grid_lib
 from lgmrec_jax.cli import fail, parse_flags
 
-IDENTITY_KEYS = ("grid", "grid_source", "dataset", "base_overrides", "seeds", "n_configs")
+IDENTITY_KEYS = ("grid", "grid_source", "dataset", "base_overrides", "seeds", "n_configs", "emulate_precision")
 
 
 def read_manifest(path: str) -> dict:

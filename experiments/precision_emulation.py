@@ -2,10 +2,10 @@
 
     python -m experiments.precision_emulation            # both goldens, every emulated algorithm
 
-XLA:CPU computes every float32 product in float32 whatever precision is asked (it ignores the
-bfloat16 multi-pass algorithms and rejects TF32), so a CPU cannot show what TF32 on a GPU or one bf16
-pass on a TPU does to the numbers. This tool replaces the CPU's lowering of ``dot_general`` with an
-exact emulation of the algorithms that accelerators run, and replays the goldens under each
+On a CPU every float32 product is computed in float32 whatever precision is asked (XLA:CPU ignores
+the bfloat16 multi-pass algorithms; JAX refuses TF32 there), so a CPU cannot show what TF32 on a GPU or
+one bf16 pass on a TPU does to the numbers. This tool replaces the CPU's lowering of ``dot_general``
+with an emulation of the algorithms that accelerators run, and replays the goldens under each
 (``lgmrec_jax.parity.replay``: forward, losses, gradients, one Adam step, evaluation):
 
   TF32_TF32_F32      one TF32 pass: operands rounded to 11 significant bits (a GPU's "default")
@@ -15,11 +15,13 @@ exact emulation of the algorithms that accelerators run, and replays the goldens
   BF16_BF16_F32_X6   six (a TPU's "highest"; also an option on GPUs)
 
 Each product of parts is exact in float32 (at most 22 significant bits), and XLA:CPU accumulates it
-in float32, as the tensor cores do. The partial products are summed smallest first. TF32 rounding
-is to nearest, ties away from zero (PTX's cvt.rna.tf32.f32). A real device may sum in another order,
-and its kernels may round operands another way (truncate, or to nearest even); what it gives is
-measured by ``python -m lgmrec_jax.parity --matmul_precision=...`` on that device
-(``experiments/device_check.sh`` stage ``parity``). This is the estimate before one is at hand.
+in float32, as the tensor cores do. What is assumed, not known to match a given device: parts rounded
+to nearest (TF32 ties away from zero, as PTX's cvt.rna.tf32.f32; bfloat16 ties to even; some of
+XLA's rewrites truncate instead), and the partial products summed smallest first, a non-finite sum
+of the smaller ones set to zero before hi*hi is added (as XLA's multi-pass rewrites do), each in
+float32 in XLA:CPU's order within a product. What a real device gives is measured by ``python -m
+lgmrec_jax.parity --matmul_precision=...`` on it (``experiments/device_check.sh`` stage ``parity``);
+this is the estimate before one is at hand. Integer products are never emulated.
 
 Writes ``<out>/precision_emulation_<tag>.{json,md}``.
 """
@@ -53,11 +55,13 @@ EMULATED = {
     Preset.BF16_BF16_F32_X3: ("bf16", 2, ((0, 1), (1, 0), (0, 0))),
     Preset.BF16_BF16_F32_X6: ("bf16", 3, ((2, 0), (1, 1), (0, 2), (0, 1), (1, 0), (0, 0))),
 }
-# What JAX's precision levels mean on each accelerator (jax.lax.Precision): on NVIDIA GPUs "default"
-# and "high" are one TF32 pass and "highest" is float32; on TPUs they are one, three and six bfloat16
-# passes. ``emulating_dot_algorithms(as_backend=...)`` computes the levels that way on the CPU.
+# What JAX's precision levels mean on each accelerator (jax.lax.Precision): on TPUs "default", "high"
+# and "highest" are one, three and six bfloat16 passes; on NVIDIA GPUs "default" is one TF32 pass and
+# "highest" float32. A GPU's "high" is not emulated (computed in float32): it is TF32 in cuBLAS products
+# but float32 in the products XLA emits with Triton, and which a product gets depends on XLA's choice.
+# ``emulating_dot_algorithms(as_backend=...)`` computes the levels that way on the CPU.
 LEVELS = {
-    "gpu": {lax.Precision.DEFAULT: Preset.TF32_TF32_F32, lax.Precision.HIGH: Preset.TF32_TF32_F32},
+    "gpu": {lax.Precision.DEFAULT: Preset.TF32_TF32_F32},
     "tpu": {lax.Precision.DEFAULT: Preset.BF16_BF16_F32, lax.Precision.HIGH: Preset.BF16_BF16_F32_X3,
             lax.Precision.HIGHEST: Preset.BF16_BF16_F32_X6},
 }
@@ -89,13 +93,19 @@ def split(x: jax.Array, rounding: str, n_parts: int) -> list[jax.Array]:
 def emulated_dot(lhs, rhs, *, algorithm: Preset, dimension_numbers, out_dtype):
     rounding, n_parts, products = EMULATED[algorithm]
     lhs_parts, rhs_parts = split(lhs, rounding, n_parts), split(rhs, rounding, n_parts)
-    total = None
-    for i, j in products:  # each product exact in float32, accumulated in float32
+    def product(i, j):  # exact in float32, accumulated in float32
         # F32_F32_F32, not HIGHEST: as_backend="tpu" emulates HIGHEST, and this must lower as XLA:CPU's.
-        term = lax.dot_general(lhs_parts[i], rhs_parts[j], dimension_numbers,
+        return lax.dot_general(lhs_parts[i], rhs_parts[j], dimension_numbers,
                                precision=Preset.F32_F32_F32, preferred_element_type=jnp.float32)
-        total = term if total is None else total + term
-    return total.astype(out_dtype)
+
+    *small, largest = products
+    if not small:
+        return product(*largest).astype(out_dtype)
+    total = product(*small[0])
+    for i, j in small[1:]:
+        total = total + product(i, j)
+    total = jnp.where(jnp.isfinite(total), total, 0.0)  # an inf operand's hi*hi alone decides
+    return (total + product(*largest)).astype(out_dtype)
 
 
 def emulated_algorithm(precision, as_backend: Optional[str]) -> Optional[Preset]:
@@ -121,7 +131,10 @@ def emulating_dot_algorithms(as_backend: Optional[str] = None):
 
     def lowering(ctx, lhs, rhs, *, dimension_numbers, precision, preferred_element_type, **params):
         algorithm = emulated_algorithm(precision, as_backend)
-        if algorithm is not None:
+        if algorithm is not None and as_backend == "tpu" and algorithm.name.startswith("TF32"):
+            raise ValueError(f"The precision '{algorithm.name}' does not exist on a TPU (emulated)")
+        floating = all(jnp.issubdtype(aval.dtype, jnp.floating) for aval in ctx.avals_in)
+        if algorithm is not None and floating:
             fn = functools.partial(emulated_dot, algorithm=algorithm, dimension_numbers=dimension_numbers,
                                    out_dtype=ctx.avals_out[0].dtype)
             return mlir.lower_fun(fn, multiple_results=False)(ctx, lhs, rhs)
@@ -180,8 +193,8 @@ def markdown(report: dict) -> str:
         "",
         f"`{report['command']}` ({report['started']}; {m['cpu']}, {m['cpu_count']} cores; jax "
         f"{m['versions'].get('jax')}; commit {m['git']['commit'][:10]}). Every accelerator algorithm is "
-        "emulated exactly on the CPU (`experiments/precision_emulation.py`: parts rounded to TF32 or "
-        "bfloat16, products exact, float32 accumulation), then the goldens are replayed "
+        "emulated on the CPU (`experiments/precision_emulation.py`: parts rounded to nearest TF32 or "
+        "bfloat16, products exact, float32 accumulation, smallest first), then the goldens are replayed "
         "(`lgmrec_jax.parity.replay`). Each cell: the largest error of that group of quantities as a "
         "multiple of its tolerance (the goldens' float32 tolerances: values 2e-6 relative, gradients "
         "2e-5 relative, one Adam step 5e-5 absolute), *exact* where the top-50 lists and metrics are the "

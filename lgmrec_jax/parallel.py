@@ -7,9 +7,6 @@ for evaluation and checkpoints), so the single- and multi-device paths share the
 
 from __future__ import annotations
 
-import functools
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 
@@ -59,27 +56,20 @@ def check_kernel_fits_devices(cfg) -> None:
 
 
 def check_matmul_precision(precision: str) -> None:
-    """Some dot algorithms exist on some backends only (TF32_TF32_F32_X3: GPUs). Raises ConfigError
-    (one line) if this backend cannot compile a product at ``precision``."""
+    """Some dot algorithms exist on some backends only (TF32_TF32_F32_X3: GPUs). Compiles one small
+    product at ``precision`` and raises ConfigError (one line) if this backend cannot. Not memoised:
+    JAX's own cache makes a repeated check cost microseconds, and it follows what changes the lowering
+    (experiments/precision_emulation.py)."""
     from lgmrec_jax.configs import ConfigError
 
-    reason = _precision_failure(precision, jax.default_backend())
-    if reason is not None:
-        raise ConfigError(f"matmul_precision {precision!r} does not run on this backend "
-                          f"({jax.default_backend()}): {reason}")
-
-
-@functools.lru_cache(maxsize=None)
-def _precision_failure(precision: str, backend: str) -> Optional[str]:
-    """Why one small product at ``precision`` does not compile on the default backend, ``backend``
-    (None: it does); once per process, as runs, grids and the parity checker all ask."""
     probe = jax.ShapeDtypeStruct((8, 8), jnp.float32)
     try:
         with jax.default_matmul_precision(precision):
             jax.jit(jnp.matmul).lower(probe, probe).compile()
-    except Exception as err:  # JAX raises ValueError on CPU; XLA's compile errors vary by backend
-        return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return None
+    except Exception as err:  # JAX refuses on CPU with a ValueError; XLA's errors vary by backend
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"matmul_precision {precision!r} does not run on this backend "
+                          f"({jax.default_backend()}): {reason}") from None
 
 
 def check_backend(cfg) -> None:

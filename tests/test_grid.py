@@ -392,12 +392,13 @@ def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_
 
 def test_emulated_precision_grid_computes_the_accelerators_products(synthetic_dir, tmp_path):
     """--emulate_precision=tpu trains with a TPU's one-pass bfloat16 products for precision 'default'
-    (on a CPU otherwise float32), in a workdir of its own."""
+    (on a CPU otherwise float32), in a workdir of its own, which a plain grid never resumes."""
     g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
     common = [sys.executable, "-m", "experiments.grid", f"--grid={g}", "--dataset=synthetic_tiny",
               f"--data_dir={synthetic_dir}", "--compilation_cache_dir=", "--config.epochs=1",
               "--config.matmul_precision=default"]
     env = {**os.environ, "PYTHONPATH": REPO}
+    emulated_dir = tmp_path / "runs" / "grid" / "g" / "synthetic_tiny_emulated_tpu"
     losses = {}
     for name, extra in (("plain", [f"--workdir={tmp_path / 'plain'}"]), ("tpu", ["--emulate_precision=tpu"])):
         proc = subprocess.run(common + extra, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -405,5 +406,21 @@ def test_emulated_precision_grid_computes_the_accelerators_products(synthetic_di
         workdir = os.path.join(tmp_path, json.loads(proc.stdout[proc.stdout.index("{"):])["workdir"])
         (config_dir,) = [os.path.join(workdir, "configs", c) for c in os.listdir(os.path.join(workdir, "configs"))]
         losses[name] = read_jsonl(os.path.join(config_dir, "metrics.jsonl"))[0]["loss"]["bpr"]
-    assert os.path.realpath(workdir) == os.path.realpath(tmp_path / "runs" / "grid" / "g" / "synthetic_tiny_emulated_tpu")
+    assert os.path.realpath(workdir) == os.path.realpath(emulated_dir)
     assert 1e-6 < abs(losses["tpu"] - losses["plain"]) / losses["plain"] < 1e-1, losses
+    assert json.loads((emulated_dir / "grid.json").read_text())["emulate_precision"] == "tpu"
+    assert "**Emulated**: every product was computed on a CPU as a TPU" in (emulated_dir / "results.md").read_text()
+    proc = subprocess.run(common + [f"--workdir={emulated_dir}"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {emulated_dir} holds a grid run with emulate_precision=tpu, this one has None: their results "
+        "must not mix; choose another --workdir")
+
+
+def test_a_precision_the_backend_cannot_run_is_refused_before_anything_is_written(synthetic_dir, tmp_path):
+    g = grid_file(tmp_path, "def sweep(add):\n    add(matmul_precision='TF32_TF32_F32_X3')\n")
+    with pytest.raises(grid_lib.GridError, match=r"config matmul_precision=TF32_TF32_F32_X3: matmul_precision 'TF32_TF32_F32_X3' does not run "
+                                                 r"on this backend \(cpu\)"):
+        grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(tmp_path / "wd"), TINY)
+    assert not (tmp_path / "wd").exists()

@@ -44,14 +44,34 @@ def emulated_product(precision, a, b, as_backend=None):
         return np.asarray(jax.jit(jnp.matmul)(a, b)).astype(np.float64)
 
 
-def test_one_tf32_pass_multiplies_the_rounded_operands(operands):
+def bf16_reference(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, jnp.bfloat16).astype(np.float32)  # numpy's (ml_dtypes') rounding, not XLA's
+
+
+@pytest.mark.parametrize("precision,rounded", [("TF32_TF32_F32", tf32_reference), ("BF16_BF16_F32", bf16_reference)])
+def test_one_pass_multiplies_the_rounded_operands(operands, precision, rounded):
     a, b = operands
-    want = tf32_reference(a).astype(np.float64) @ tf32_reference(b).astype(np.float64)
-    got = emulated_product("TF32_TF32_F32", a, b)
+    want = rounded(a).astype(np.float64) @ rounded(b).astype(np.float64)
+    got = emulated_product(precision, a, b)
     scale = np.abs(want).max()
     assert np.abs(got - want).max() / scale < 2e-6  # only float32 accumulation apart
     exact = a.astype(np.float64) @ b.astype(np.float64)
     assert np.abs(got - exact).max() / scale > 1e-4  # and far from the float32 product
+
+
+def test_an_infinite_operand_gives_what_its_largest_parts_give():
+    """The smaller partial products of inf are NaN; as in XLA's multi-pass rewrites they are dropped,
+    so the result is inf * x, not NaN."""
+    a = np.array([[np.inf, 1.0]], np.float32)
+    b = np.array([[2.0], [3.0]], np.float32)
+    for precision in ("TF32_TF32_F32_X3", "BF16_BF16_F32_X6"):
+        assert emulated_product(precision, a, b)[0, 0] == np.inf
+
+
+def test_integer_products_are_not_emulated():
+    a = np.full((2, 3), 1001, np.int32)
+    got = emulated_product("default", a, np.ones((3, 1), np.int32), as_backend="tpu")
+    np.testing.assert_array_equal(got, [[3003], [3003]])
 
 
 def test_multi_pass_algorithms_reach_float32_accuracy(operands):
@@ -68,7 +88,7 @@ def test_multi_pass_algorithms_reach_float32_accuracy(operands):
 
 @pytest.mark.parametrize("as_backend,level,algorithm", [
     ("tpu", "default", "BF16_BF16_F32"), ("tpu", "high", "BF16_BF16_F32_X3"), ("tpu", "highest", "BF16_BF16_F32_X6"),
-    ("gpu", "default", "TF32_TF32_F32"), ("gpu", "high", "TF32_TF32_F32"), ("gpu", "highest", "F32_F32_F32"),
+    ("gpu", "default", "TF32_TF32_F32"), ("gpu", "high", "F32_F32_F32"), ("gpu", "highest", "F32_F32_F32"),
 ])
 def test_precision_levels_as_each_accelerator_computes_them(operands, as_backend, level, algorithm):
     a, b = operands[0][:, :512], operands[1][:512]
@@ -77,11 +97,11 @@ def test_precision_levels_as_each_accelerator_computes_them(operands, as_backend
 
 def test_emulation_is_undone_on_exit(operands):
     a, b = operands
-    with pytest.raises(ValueError, match="not supported by dot_general on CPU"):
+    with pytest.raises(ValueError, match="TF32_TF32_F32_X3"):
         with jax.default_matmul_precision("TF32_TF32_F32_X3"):
             jax.jit(jnp.matmul)(a, b)
     emulated_product("TF32_TF32_F32_X3", a, b)
-    with pytest.raises(ValueError, match="not supported by dot_general on CPU"):
+    with pytest.raises(ValueError, match="TF32_TF32_F32_X3"):
         with jax.default_matmul_precision("TF32_TF32_F32_X3"):
             jax.jit(jnp.matmul)(a, b)
 
@@ -103,8 +123,15 @@ def test_goldens_under_emulated_algorithms():
 
 def test_backend_check_names_the_precision_and_the_backend():
     parallel.check_matmul_precision("BF16_BF16_F32_X6")  # XLA:CPU runs it (as float32)
-    with pytest.raises(configs.ConfigError, match=r"matmul_precision 'TF32_TF32_F32_X3' does not run on this "
-                                                  r"backend \(cpu\)"):
+    refused = r"matmul_precision 'TF32_TF32_F32_X3' does not run on this backend \(cpu\): "
+    with pytest.raises(configs.ConfigError, match=refused):
+        parallel.check_matmul_precision("TF32_TF32_F32_X3")
+    with emulation.emulating_dot_algorithms():  # the check follows the lowering, both ways
+        parallel.check_matmul_precision("TF32_TF32_F32_X3")
+        with emulation.emulating_dot_algorithms("tpu"):  # a TPU has no TF32
+            with pytest.raises(configs.ConfigError, match=refused + ".*does not exist on a TPU"):
+                parallel.check_matmul_precision("TF32_TF32_F32_X3")
+    with pytest.raises(configs.ConfigError, match=refused):
         parallel.check_matmul_precision("TF32_TF32_F32_X3")
     cfg = small_config()
     cfg.matmul_precision = "TF32_TF32_F32_X4"
