@@ -199,7 +199,7 @@ def markdown(report: dict) -> str:
         "multiple of its tolerance (the goldens' float32 tolerances: values 2e-6 relative, gradients "
         "2e-5 relative, one Adam step 5e-5 absolute), *exact* where the top-50 lists and metrics are the "
         "recorded ones, and ✗ with the number of failing rows where any fail. An estimate: a real "
-        "device sums in another order.",
+        "device may sum in another order and round the parts another way.",
         "",
     ]
     for name, by_precision in report["goldens"].items():
