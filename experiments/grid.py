@@ -66,6 +66,7 @@ import re
 import shutil
 import socket
 import sys
+import traceback
 from typing import Any, Optional
 
 from absl import app, flags, logging
@@ -138,7 +139,10 @@ def load_grid(name: str):
             raise GridError(f"grid file {name} not found")
         spec = importlib.util.spec_from_file_location(f"_grid_{os.path.basename(name)[:-3]}", name)
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as err:  # noqa: BLE001  the user's file: say where, not a traceback
+            raise GridError(f"grid file {name}: {where(err, name)}{type(err).__name__}: {err}") from None
     else:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name) or name not in available_grids():
             raise GridError(f"unknown grid {name!r}; available: {', '.join(available_grids())} "
@@ -147,6 +151,17 @@ def load_grid(name: str):
     if not callable(getattr(module, "sweep", None)):
         raise GridError(f"grid {name!r} has no sweep(add) function")
     return module
+
+
+def where(err: BaseException, path: str) -> str:
+    """'file:line: ' of the innermost frame of ``err`` in ``path`` (a syntax error's own line), or ''."""
+    if isinstance(err, SyntaxError) and err.lineno:
+        return f"line {err.lineno}: "
+    line = None
+    for frame, lineno in traceback.walk_tb(err.__traceback__):
+        if os.path.abspath(frame.f_code.co_filename) == os.path.abspath(path):
+            line = lineno
+    return f"line {line}: " if line else ""
 
 
 def grid_name(name: str) -> str:
@@ -210,7 +225,13 @@ def expand(name: str, dataset: str, base_cfg, seeds: Optional[list[int]] = None)
 
     ctx = GridContext(dataset, configs.config_name(dataset), base_cfg.copy_and_resolve_references())
     params = inspect.signature(module.sweep).parameters
-    module.sweep(add, ctx) if len(params) >= 2 else module.sweep(add)
+    try:
+        module.sweep(add, ctx) if len(params) >= 2 else module.sweep(add)
+    except GridError:
+        raise
+    except Exception as err:  # noqa: BLE001  a bug in the grid's sweep(): where, not a traceback
+        raise GridError(f"grid {gname!r}: sweep() failed: {where(err, module.__file__)}"
+                        f"{type(err).__name__}: {err}") from None
     if not added:
         raise GridError(f"grid {gname!r} adds no config")
     points, seen = [], set()
@@ -421,13 +442,19 @@ def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, de
     grid_path = os.path.abspath(name) if name.endswith(".py") else None
     manifest = manifest_of(name, dataset, points, base_overrides, seeds, base.valid_metric, grid_path,
                            emulate_precision)
-    before = read_json(os.path.join(workdir, "grid.json"))
+    ds = load_dataset(data_dir, dataset)  # bad data stops the grid before anything is written
+    manifest_path = os.path.join(workdir, "grid.json")
+    before = read_json(manifest_path) if os.path.isdir(workdir) else None
     if before is not None and before.get("emulate_precision") != emulate_precision:
         raise GridError(f"{workdir} holds a grid run with emulate_precision={before.get('emulate_precision')}, "
                         f"this one has {emulate_precision}: their results must not mix; choose another --workdir")
-    os.makedirs(workdir, exist_ok=True)
-    write_json_unique(os.path.join(workdir, "grid.json"), manifest)
-    ds = load_dataset(data_dir, dataset)
+    try:
+        os.makedirs(workdir, exist_ok=True)
+    except OSError as err:
+        raise GridError(f"{workdir}: cannot create the grid's workdir ({err.strerror}); choose another "
+                        f"--workdir") from None
+    if before is None:  # an existing record is replaced only once this run's configs have been accepted
+        write_json_unique(manifest_path, manifest)
     checksums = ds.checksums() if ds.path else {}
     summaries = {}
     logging.info("grid %s on %s: %d configs, shard %d/%d holds %d in %d program group(s)", grid_name(name),
@@ -452,6 +479,7 @@ def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, de
                                                eval_chunk, stop_after_epochs, checksums, batching=batching))
         except multi.GroupError as err:
             raise GridError(f"group {gid}: {err}") from None
+    write_json_unique(manifest_path, manifest)
     out_dir = workdir if shard[1] == 1 else os.path.join(workdir, "shards", f"{shard[0]}-of-{shard[1]}")
     rows = collect_rows(mine, base.valid_metric, [workdir])
     write_tables(manifest, rows, out_dir, plots=plots and shard[1] == 1)
@@ -467,10 +495,18 @@ def config_dir(workdir: str, cid: str) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def read_json(path: str) -> Optional[dict]:
+    """The JSON object in ``path`` (None if there is no such file); GridError naming the file if it
+    is not one."""
     if not os.path.exists(path):
         return None
-    with open(path) as handle:
-        return json.load(handle)
+    try:
+        with open(path) as handle:
+            payload = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise GridError(f"{path}: not readable as JSON ({err})") from None
+    if not isinstance(payload, dict):
+        raise GridError(f"{path}: not a JSON object")
+    return payload
 
 
 def collect_rows(points: list[Point], valid_metric: str, inputs: list[str]) -> list[dict]:
@@ -753,7 +789,10 @@ def main(argv):
         pid, n_proc = distributed.initialize_from_flags()
         index, count = index * n_proc + pid, count * n_proc
         setup_compilation_cache(FLAGS.compilation_cache_dir)
-        seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+        try:
+            seeds = [int(s) for s in FLAGS.seeds] if FLAGS.seeds else None
+        except ValueError:
+            raise GridError(f"--seeds={','.join(FLAGS.seeds)}: expected comma-separated integers") from None
         overrides = config_flags.get_override_values(FLAGS["config"])
         if FLAGS.num_devices is not None:  # lgmrec_jax.train's flag: per-config devices (--mode=sequential)
             overrides["num_devices"] = FLAGS.num_devices
@@ -775,6 +814,9 @@ def main(argv):
         fail(str(err))
     except NonFiniteError as err:
         fail(str(err), code=3)
+    except KeyboardInterrupt:
+        fail("interrupted; finished configs and the groups' newest checkpoints are intact: rerun the same "
+             "command to resume", code=130)
     statuses: dict[str, int] = {}
     for summary in result["summaries"].values():
         statuses[summary.get("status")] = statuses.get(summary.get("status"), 0) + 1

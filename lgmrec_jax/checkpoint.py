@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import json
 import logging
 import os
 import re
@@ -29,7 +30,6 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
-from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 # Key of the JSON block that holds the arrays' fingerprint; added by save, removed by restore.
 FINGERPRINT_KEY = "_state_sha256"
@@ -39,9 +39,34 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message is one line."""
 
 
-def _best_score(metrics: dict) -> float:
-    # Ties keep the earliest epoch, as early stopping does (strict improvement only).
-    return metrics["valid"] - 1e-9 * metrics["epoch"]
+# {step: valid value or null} of every save, beside the steps: orbax keeps the metrics given to a save
+# in memory only, so without it a resumed run could not tell the earlier saves' best, and kept them all.
+SCORES_FILE = "scores.json"
+
+
+class LatestAndBest:
+    """An orbax preservation policy: the latest ``keep`` steps, plus the step with the best valid value
+    when ``keep_best`` (ties keep the earliest, as early stopping does), over this session's saves and
+    the earlier sessions' alike (``scores``: step -> value, None for a save without one). A step absent
+    from ``scores`` (saved before the file existed) is kept: its value is unknown."""
+
+    def __init__(self, keep: int, keep_best: bool, scores: dict):
+        self.keep, self.keep_best, self.scores = keep, keep_best, scores
+
+    def should_preserve(self, checkpoints, *, context=None) -> list[bool]:
+        del context
+        steps = [c.step for c in checkpoints]
+        keep = set(sorted(steps)[-self.keep:])
+        if self.keep_best:
+            keep |= {s for s in steps if s not in self.scores}
+            best = self.best(steps)
+            if best is not None:
+                keep.add(best)
+        return [s in keep for s in steps]
+
+    def best(self, steps) -> Optional[int]:
+        scored = [s for s in steps if self.scores.get(s) is not None]
+        return max(scored, key=lambda s: (self.scores[s], -s)) if scored else None
 
 
 def fingerprint(state: Any) -> str:
@@ -70,10 +95,11 @@ class Checkpoints:
     def __init__(self, directory: str, keep: int, keep_best: bool = True):
         quiet_failed_write_echoes()
         self.directory = os.path.abspath(directory)
-        kept = [pp.LatestN(n=keep)] + ([pp.BestN(get_metric_fn=_best_score, n=1)] if keep_best else [])
+        self.scores = self._read_scores()
+        self.policy = LatestAndBest(keep, keep_best, self.scores)
         me = jax.process_index()
         options = ocp.CheckpointManagerOptions(
-            preservation_policy=pp.AnyPreservationPolicy(kept), enable_async_checkpointing=False,
+            preservation_policy=self.policy, enable_async_checkpointing=False,
             cleanup_tmp_directories=True, create=False,  # orbax refuses create with active_processes
             multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
         try:
@@ -88,18 +114,37 @@ class Checkpoints:
         left behind by a fallback to an older checkpoint) is moved aside first."""
         if epoch in self.manager.all_steps():
             self.quarantine(epoch, "replaced by a new save of the same epoch")
-        metrics = None if valid_value is None else {"valid": float(valid_value), "epoch": epoch}
+        self.scores[epoch] = None if valid_value is None else float(valid_value)  # the policy reads it
         # Host copies: one transfer serves the fingerprint and the write, and orbax refuses to write a
         # process's own device arrays under jax.distributed ("host local jax.Array").
         state = jax.tree_util.tree_map(np.asarray, state)
         meta = {**meta, FINGERPRINT_KEY: fingerprint(state)}
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         try:
-            self.manager.save(epoch, args=args, metrics=metrics, force=True)
+            self.manager.save(epoch, args=args, force=True)
             self.manager.wait_until_finished()
+            self._write_scores()
         except Exception as err:  # a full disk, an unwritable directory, ...
             raise CheckpointError(f"{self.directory}: saving checkpoint {epoch} failed ({_os_reason(err)})") \
                 from err
+
+    def _read_scores(self) -> dict:
+        try:
+            with open(os.path.join(self.directory, SCORES_FILE)) as handle:
+                return {int(step): value for step, value in json.load(handle).items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError) as err:  # unreadable: every earlier step is kept
+            logging.warning("%s: %s unreadable (%s); earlier checkpoints are kept", self.directory,
+                            SCORES_FILE, err)
+            return {}
+
+    def _write_scores(self) -> None:
+        present = set(self.manager.all_steps())
+        path = os.path.join(self.directory, SCORES_FILE)
+        with open(f"{path}.tmp", "w") as handle:
+            json.dump({str(s): v for s, v in sorted(self.scores.items()) if s in present}, handle)
+        os.replace(f"{path}.tmp", path)
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -146,7 +191,7 @@ class Checkpoints:
         return target
 
     def best_step(self) -> Optional[int]:
-        return self.manager.best_step()
+        return self.policy.best(self.manager.all_steps())
 
     def close(self) -> None:
         self.manager.close()

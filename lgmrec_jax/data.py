@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import logging
 import os
+import re
 from typing import Optional
 
 import numpy as np
@@ -107,26 +108,22 @@ def read_inter(path: str) -> np.ndarray:
     table = np.empty((len(rows), 3), dtype=np.int64)
     for j, (name, col) in enumerate(zip(INTER_COLUMNS, cols)):
         values = [fields[col] for fields in rows]
+        # ASCII digits only: Python's int() would also read "1_0" as 10, "+3", or other scripts' digits.
+        for lineno, value in enumerate(values, start=2):
+            if not _DIGITS.fullmatch(value):
+                raise DatasetError(f"{path}:{lineno}: {name} is {value.strip()!r}, expected a non-negative integer")
         try:
             table[:, j] = np.asarray(values, dtype=np.int64)
-        except (ValueError, OverflowError):
-            for lineno, value in enumerate(values, start=2):
-                try:
-                    int(value)
-                except ValueError:
-                    raise DatasetError(
-                        f"{path}:{lineno}: {name} is {value.strip()!r}, expected a non-negative integer") from None
+        except OverflowError:
             raise DatasetError(f"{path}: {name} has a value outside the int64 range") from None
-    for j, name in enumerate(INTER_COLUMNS[:2]):
-        bad = np.flatnonzero(table[:, j] < 0)
-        if bad.size:
-            raise DatasetError(
-                f"{path}:{bad[0] + 2}: {name} is {table[bad[0], j]}, expected a non-negative integer")
     bad = np.flatnonzero((table[:, 2] < 0) | (table[:, 2] > 2))
     if bad.size:
         raise DatasetError(
             f"{path}:{bad[0] + 2}: x_label is {table[bad[0], 2]}, expected 0 (train), 1 (valid) or 2 (test)")
     return table
+
+
+_DIGITS = re.compile(r"\s*[0-9]+\s*")
 
 
 def read_features(path: str, n_items: int) -> Optional[np.ndarray]:
@@ -206,7 +203,13 @@ def load_dataset(data_dir: str, name: str, generate_synthetic: bool = True) -> D
     if generate_synthetic and name.startswith("synthetic") and not os.path.isdir(path):
         from data_prep import synthetic  # local import: data_prep depends on this module
 
-        synthetic.generate_named(name, data_dir)
+        try:
+            synthetic.generate_named(name, data_dir)
+        except ValueError as err:  # an unknown preset
+            raise DatasetError(f"--dataset={name}: {err}") from None
+        except OSError as err:
+            raise DatasetError(f"{err.filename or data_dir}: cannot generate the dataset there "
+                               f"({err.strerror}); choose another --data_dir") from None
     if not os.path.isdir(path):
         raise DatasetError(
             f"{path}: dataset directory not found (expected {name}/{name}.inter under --data_dir={data_dir})")

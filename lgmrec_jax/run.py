@@ -41,7 +41,7 @@ import numpy as np
 from lgmrec_jax import __version__
 from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import configs, distributed, evaluation, parallel, sampler as sampler_lib, trainer
-from lgmrec_jax.data import Dataset
+from lgmrec_jax.data import Dataset, DatasetError
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
 
@@ -231,8 +231,14 @@ class Workdir:
                         shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
             config_path = self.file("config.json")
             if os.path.exists(config_path):
-                with open(config_path) as handle:
-                    old = json.load(handle)
+                try:
+                    with open(config_path) as handle:
+                        old = json.load(handle)
+                except ValueError as err:
+                    old = f"not valid JSON ({err})"
+                if not isinstance(old, dict):
+                    raise RunError(f"{config_path}: {old if isinstance(old, str) else 'not a JSON object'}; "
+                                   f"use --restart to start over or choose another --workdir")
                 diffs = identity_differences(old.get("identity", {}), identity)
                 if diffs:
                     raise RunError(f"{self.path} holds a run with a different setup ({'; '.join(diffs)}); "
@@ -264,6 +270,14 @@ class Workdir:
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
+
+    def remove_if_unused(self) -> None:
+        """Removes a workdir that holds nothing but its lock (a run that failed before its first write)."""
+        try:
+            if os.listdir(self.path) == [".lock"]:
+                shutil.rmtree(self.path)
+        except OSError:
+            pass  # gone already, or not ours to remove: nothing was written either way
 
     def rewrite_metrics(self, history: list[dict]) -> None:
         tmp = self.file("metrics.jsonl.tmp")
@@ -316,7 +330,10 @@ class Experiment:
         self.optimizer = trainer.make_optimizer(cfg.learning_rate)
         self.graph = build_graph(ds.train, ds.n_users, ds.n_items, cfg.kernel)
         self.feats = trainer.device_features(ds, cfg.feature_dtype)
-        self.sampler = sampler_lib.NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
+        try:
+            self.sampler = sampler_lib.NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
+        except DatasetError as err:  # the data cannot be trained on: say which data
+            raise DatasetError(f"{ds.path or ds.name}: {err}") from None
         self.batches = sampler_lib.Prefetcher(self.sampler)  # epoch e + 1 is sampled while e trains
         self.runner = parallel.make_runner(self.model, self.optimizer, cfg)
         self.plans = {name: evaluation.plan_split(ds.train, pairs, ds.n_users, ds.n_items, cfg.eval_batch_size)
@@ -396,6 +413,7 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
                                       "devices": parallel.resolve_num_devices(cfg.num_devices)})
     except distributed.DistributedError as err:
         raise RunError(str(err)) from None
+    created = not os.path.exists(wd.path)
     _on_primary(lambda: wd.prepare(identity, restart))
     try:
         return _train(cfg, ds, wd, identity, stop_after_epochs)
@@ -407,6 +425,8 @@ def train_and_evaluate(cfg, ds: Dataset, workdir: str, restart: bool = False,
                        f"intact: fix this and rerun the same command to resume") from None
     finally:
         wd.unlock()
+        if created and distributed.is_primary():  # a run that failed before any write leaves no workdir
+            wd.remove_if_unused()
 
 
 def _check_free_space(wd: Workdir, state) -> None:

@@ -65,6 +65,8 @@ def main(argv):
     if len(argv) > 1:
         fail(f"unexpected arguments {argv[1:]}; flags take the form --name=value")
     setup_logging()
+    if FLAGS.workdir == "":
+        fail("--workdir is empty; give a directory, or leave the flag out for runs/<dataset>")
     workdir = FLAGS.workdir or os.path.join("runs", FLAGS.dataset)
     cfg = resolved_config(FLAGS.dataset)
     try:
@@ -83,6 +85,8 @@ def main(argv):
         fail(str(err))
     except NonFiniteError as err:
         fail(str(err), code=3)
+    except KeyboardInterrupt:
+        fail("interrupted; the newest checkpoint is intact: rerun the same command to resume", code=130)
     if distributed.is_primary():
         print(json.dumps(summary, indent=2, sort_keys=True))
 

@@ -97,3 +97,24 @@ def test_a_real_failing_write_ends_the_run_in_one_line(synthetic_dir, tmp_path, 
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("error: ") and "File too large" in last, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_the_latest_and_the_best_are_kept_across_sessions(tmp_path):
+    """A resumed run prunes the earlier session's checkpoints too: the latest ``keep`` plus the best
+    by valid value (ties: the earliest), whichever session saved it; saves without a value only count
+    as latest."""
+    values = {1: 0.5, 2: 0.9, 3: 0.7, 4: 0.9, 5: None}
+    first = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"), keep=2)
+    for step in (1, 2, 3, 4, 5):
+        first.save(step, {"w": np.full(3, step, np.float32)}, {"epoch": step}, values[step])
+    assert first.steps() == [2, 4, 5] and first.best_step() == 2
+    first.close()
+    second = ckpt_lib.Checkpoints(str(tmp_path / "checkpoints"), keep=2)  # a resume
+    second.save(6, {"w": np.full(3, 6, np.float32)}, {"epoch": 6}, 0.8)
+    assert second.steps() == [2, 5, 6]
+    second.save(7, {"w": np.full(3, 7, np.float32)}, {"epoch": 7}, 0.95)
+    assert second.steps() == [6, 7] and second.best_step() == 7
+    no_best = ckpt_lib.Checkpoints(str(tmp_path / "grouped"), keep=2, keep_best=False)
+    for step in (1, 2, 3):
+        no_best.save(step, {"w": np.zeros(3, np.float32)}, {"epoch": step}, 1.0 / step)
+    assert no_best.steps() == [2, 3]

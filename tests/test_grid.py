@@ -21,7 +21,7 @@ from experiments.reliability import strip_timing
 from experiments import grid as grid_lib
 from experiments import grid_merge
 from lgmrec_jax import configs, run as run_lib
-from lgmrec_jax.data import load_dataset
+from lgmrec_jax.data import DatasetError, load_dataset
 
 TINY = {"epochs": 3, "stopping_step": 100}
 PLAIN = {"epochs": 2, "stopping_step": 100, "train_batch_size": 128, "eval_batch_size": 16,
@@ -423,4 +423,34 @@ def test_a_precision_the_backend_cannot_run_is_refused_before_anything_is_writte
     with pytest.raises(grid_lib.GridError, match=r"config matmul_precision=TF32_TF32_F32_X3: matmul_precision 'TF32_TF32_F32_X3' does not run "
                                                  r"on this backend \(cpu\)"):
         grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(tmp_path / "wd"), TINY)
+    assert not (tmp_path / "wd").exists()
+
+
+def test_a_refused_rerun_leaves_the_grid_record_as_it_was(synthetic_dir, tmp_path):
+    """A rerun whose configs differ from the trained ones is refused, and grid.json still describes
+    the runs that are there (grid_merge reads it)."""
+    g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
+    workdir = tmp_path / "wd"
+    grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 999})
+    recorded = (workdir / "grid.json").read_text()
+    with pytest.raises(run_lib.RunError, match="different setup"):
+        grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 5})
+    assert (workdir / "grid.json").read_text() == recorded
+
+
+@pytest.mark.parametrize("body,message", [
+    ("def sweep(add)\n    add()\n", r"grid file .*g\.py: line 1: SyntaxError"),
+    ("import no_such_module\n", r"grid file .*g\.py: line 1: ModuleNotFoundError: No module named 'no_such_module'"),
+    ("def sweep(add):\n    add()\n    1 / 0\n", r"grid 'g': sweep\(\) failed: line 3: ZeroDivisionError"),
+])
+def test_a_broken_grid_file_is_reported_with_its_line(tmp_path, body, message):
+    base = grid_lib.base_config("synthetic_tiny")
+    with pytest.raises(grid_lib.GridError, match=message):
+        grid_lib.expand(grid_file(tmp_path, body), "synthetic_tiny", base)
+
+
+def test_bad_data_stops_a_grid_before_it_writes(tmp_path):
+    g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
+    with pytest.raises(DatasetError, match="dataset directory not found"):
+        grid_lib.run_grid(g, "nope", str(tmp_path), str(tmp_path / "wd"), TINY)
     assert not (tmp_path / "wd").exists()

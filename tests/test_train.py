@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -58,6 +59,8 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path):
     ("--config.bogus=1", "unknown config key 'bogus'"),
     ("--config.eval_noise=sometimes", "eval_noise is 'sometimes'"),
     ("--config.alpha=abc", "could not convert string to float"),
+    ("--config.seed=-1", "error: config: seed is -1, expected 0 <= seed < 2**32"),
+    ("--config.learning_rate=-1", "error: config: learning_rate is -1.0, expected > 0"),
 ])
 def test_cli_rejects_bad_config(tmp_path, arg, message):
     proc = cli("--dataset=synthetic_tiny", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'wd'}", arg)
@@ -209,3 +212,53 @@ def test_a_checkpoint_is_written_while_the_next_epoch_trains(synthetic_dir, tmp_
     assert overlapped == [True, True]
     assert [(epoch, epoch + 1 in steps) for epoch, steps in recorded] == [(0, True), (1, True), (2, True)]
     assert summary["epochs_run"] == 3 and len(read_jsonl(tmp_path / "metrics.jsonl")) == 3
+
+
+def test_a_start_that_fails_on_its_data_leaves_no_workdir(tmp_path):
+    """The sampler refuses data where a user has no negative item: the message names the dataset, and
+    the workdir the run had just created is gone again."""
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "one.inter").write_text("userID\titemID\tx_label\n0\t0\t0\n1\t0\t0\n0\t0\t1\n1\t0\t2\n")
+    workdir = tmp_path / "wd"
+    proc = cli("--dataset=one", f"--data_dir={tmp_path}", f"--workdir={workdir}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'one'}: user 0 has every training item")
+    assert not workdir.exists()
+
+
+@pytest.mark.parametrize("content,message", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "not a JSON object"),
+])
+def test_a_corrupt_config_json_is_reported_in_one_line(synthetic_dir, tmp_path, content, message):
+    workdir = tmp_path / "wd"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(content)
+    proc = cli("--dataset=synthetic_tiny", f"--data_dir={synthetic_dir}", f"--workdir={workdir}")
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith(f"error: {workdir / 'config.json'}: {message}") and "--restart" in last
+    assert (workdir / "config.json").read_text() == content  # refused, not overwritten
+
+
+def test_an_empty_workdir_flag_is_refused(tmp_path):
+    proc = cli("--dataset=synthetic_tiny", f"--data_dir={tmp_path}", "--workdir=", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+        "error: --workdir is empty; give a directory, or leave the flag out for runs/<dataset>")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_ctrl_c_ends_a_run_in_one_line(synthetic_dir, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "lgmrec_jax.train", "--dataset=synthetic_tiny",
+                             f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / 'wd'}", "--config.epochs=100000",
+                             "--config.stopping_step=100000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    seen = []
+    for line in proc.stderr:  # interrupt once the run is training
+        seen.append(line)
+        if "epoch    2" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, "".join(seen) + rest
+    assert "Traceback" not in rest and rest.strip().splitlines()[-1] == (
+        "error: interrupted; the newest checkpoint is intact: rerun the same command to resume")
