@@ -93,6 +93,9 @@ def read_inter(path: str) -> np.ndarray:
         raise DatasetError(
             f"{path}:1: header has no column {', '.join(missing)} (found {header!r}; expected tab-separated "
             f"columns including {', '.join(INTER_COLUMNS)})")
+    twice = [c for c in INTER_COLUMNS if header.count(c) > 1]
+    if twice:
+        raise DatasetError(f"{path}:1: header has the column {twice[0]} {header.count(twice[0])} times, expected once")
     cols = [header.index(c) for c in INTER_COLUMNS]
     n_fields = len(header)
     body = lines[1:]
@@ -221,6 +224,9 @@ def load_dataset(data_dir: str, name: str, generate_synthetic: bool = True) -> D
     train, valid, test, dropped = split(table)
     if len(train) == 0:
         raise DatasetError(f"{inter_path}: no row has x_label 0, expected a non-empty training split")
+    if len(valid) == 0:
+        raise DatasetError(f"{inter_path}: no row has x_label 1, expected a validation split (early stopping "
+                           f"and the best epoch are chosen on it)")
     feats = {m: read_features(os.path.join(path, f), n_items) for m, f in FEATURE_FILES.items()}
     keys = train[:, 0] * n_items + train[:, 1]
     n_dup = len(keys) - len(np.unique(keys))

@@ -58,6 +58,8 @@ BAD_INTER = [
     ("bad label", {"rows": GOOD_ROWS[:2] + ["0\t3\t1\t1\t3"]}, "toy.inter:4: x_label is 3, expected 0 (train)"),
     ("short row", {"rows": GOOD_ROWS[:2] + ["0\t3"]}, "toy.inter:4: 2 tab-separated fields, expected 5"),
     ("empty training split", {"rows": ["0\t0\t1\t1\t1", "0\t1\t1\t1\t2"]}, "no row has x_label 0"),
+    ("no validation split", {"rows": ["0\t0\t1\t1\t0", "0\t1\t1\t1\t2"]}, "toy.inter: no row has x_label 1"),
+    ("column twice", {"header": "userID\titemID\tuserID\tx_label"}, "toy.inter:1: header has the column userID 2 times"),
     ("header only", {"rows": []}, "header only, no interaction rows"),
     ("empty file", {"raw": b""}, "file is empty"),
     ("not utf-8", {"raw": b"\xff\xfe\x00garbage"}, "not UTF-8 text"),
