@@ -160,13 +160,27 @@ def generate_named(name: str, data_dir: str) -> str:
 
 
 def main(argv):
-    del argv
+    from lgmrec_jax.cli import fail  # local import: lgmrec_jax.data imports this module
+
+    if len(argv) > 1:
+        fail(f"unexpected arguments {argv[1:]!r}; every input is a --flag")
     preset, data_dir = flags.FLAGS.preset, flags.FLAGS.data_dir
-    print(generate_named("synthetic" if preset == "default" else f"synthetic_{preset}", data_dir))
+    name = "synthetic" if preset == "default" else f"synthetic_{preset}"
+    out_dir = os.path.join(os.path.abspath(data_dir), name)
+    for path in (data_dir, out_dir):  # checked before the minutes of generation a large preset takes
+        if os.path.exists(path) and not os.path.isdir(path):
+            fail(f"--data_dir={data_dir}: {path} is a file, expected a directory (or a path to create)")
+    try:
+        print(generate_named(name, data_dir))
+    except OSError as err:
+        fail(f"--data_dir={data_dir}: cannot generate the dataset in {err.filename or data_dir} "
+             f"({err.strerror or err})")
 
 
 if __name__ == "__main__":
+    from lgmrec_jax.cli import parse_flags
+
     # Flags are defined only when run as a program: the trainer imports this module and owns --data_dir.
     flags.DEFINE_enum("preset", "default", sorted(PRESETS), "Which synthetic preset to generate.")
     flags.DEFINE_string("data_dir", "./data", "Directory that receives the dataset folder.")
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

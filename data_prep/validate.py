@@ -6,7 +6,8 @@ DIR's basename is the dataset name and its parent the data_dir, exactly as the t
 ``--data_dir``/``--dataset``; loading goes through ``lgmrec_jax.data.load_dataset`` (no synthetic
 generation), so a directory that passes here loads in training. The table printed is the one
 MMRec logs for the whole dataset and for each split (users, items, interactions, sparsity).
-Exit status: 0 valid; 2 invalid, with the loader's one-line message on stderr; 1 for usage.
+Exit status: 0 valid; 2 invalid or a usage error, with one ``error: ...`` line on stderr (for an
+invalid directory, the loader's message).
 """
 
 from __future__ import annotations
@@ -57,15 +58,21 @@ def validate(path: str) -> data_lib.Dataset:
     return data_lib.load_dataset(os.path.dirname(path), os.path.basename(path), generate_synthetic=False)
 
 
+USAGE = "usage: python -m data_prep.validate DATASET_DIR"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) != 2 or argv[1] in ("-h", "--help"):
-        print("usage: python -m data_prep.validate DATASET_DIR", file=sys.stderr)
-        return 0 if len(argv) == 2 else 1
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(f"{USAGE}\n\n{__doc__.strip()}")
+        return 0
+    if len(argv) != 2:
+        print(f"error: expected one DATASET_DIR argument, got {len(argv) - 1}; {USAGE}", file=sys.stderr)
+        return 2
     try:
         ds = validate(argv[1])
     except data_lib.DatasetError as err:
-        print(" ".join(str(err).split("\n")), file=sys.stderr)
+        print("error: " + " ".join(str(err).split("\n")), file=sys.stderr)
         return 2
     print(report(ds))
     print("valid")

@@ -31,20 +31,22 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import json
 import os
 import sys
+import time
 from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app, flags, logging
 from jax import lax
 from jax._src.interpreters import mlir
 from jax._src.lax import lax as lax_internal
 
 from experiments import bench
 from lgmrec_jax import parity
-from lgmrec_jax.run import write_json_atomic
+from lgmrec_jax.cli import parse_flags, setup_logging
 
 Preset = lax.DotAlgorithmPreset
 # algorithm -> (rounding of one part, number of parts, the (i, j) part products in summation order)
@@ -151,15 +153,22 @@ def emulating_dot_algorithms(as_backend: Optional[str] = None):
 
 
 def replay_all(golden_dir: str, goldens=GOLDENS, precisions=REPLAYED, kernel: str = "segment_sum") -> dict:
-    """{golden: {precision: [parity.Row, ...]}} with the algorithms emulated."""
+    """{golden: {precision: [parity.Row, ...]}} with the algorithms emulated; logs one INFO line per
+    (golden, precision) replayed (each takes seconds: the whole default set, minutes)."""
     out = {}
+    total, done = len(goldens) * len(precisions), 0
     with emulating_dot_algorithms():
         for name in goldens:
             g = parity.load_golden(os.path.join(golden_dir, f"{name}.npz"))
             out[name] = {}
             for precision in precisions:
+                start = time.perf_counter()
                 with jax.default_matmul_precision(precision):
                     out[name][precision] = parity.replay(g, kernel)
+                done += 1
+                n_failed = sum(not r.passed for r in out[name][precision])
+                logging.info("replayed %d/%d: %s under %s, %d of %d rows failed (%.1f s)", done, total, name,
+                             precision, n_failed, len(out[name][precision]), time.perf_counter() - start)
     return out
 
 
@@ -220,8 +229,46 @@ flags.DEFINE_string("out", os.path.join("experiments", "results"), "Folder of th
 flags.DEFINE_string("tag", "cpu", "File tag: precision_emulation_<tag>.{json,md}.")
 
 
+def out_dir_problem(out: str) -> Optional[str]:
+    """Why ``out`` cannot receive the results, checked before the minutes of replays; None if it can."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):  # the nearest existing ancestor must be a writable directory
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is a file, expected a directory (or a path to create)"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
+
+
+def write_results(out: str, tag: str, report: dict) -> str:
+    """Writes ``<out>/precision_emulation_<tag>.{json,md}``: both temporary files first, then both
+    renamed, so a failed write (a full disk) leaves the previous pair and no temporary file; returns
+    the stem."""
+    os.makedirs(out, exist_ok=True)
+    stem = os.path.join(out, f"precision_emulation_{tag}")
+    tmps = {stem + ".json.tmp": stem + ".json", stem + ".md.tmp": stem + ".md"}
+    texts = (json.dumps(report, indent=2, sort_keys=True) + "\n", markdown(report))
+    try:
+        for tmp, text in zip(tmps, texts):
+            with open(tmp, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for tmp, path in tmps.items():
+            os.replace(tmp, path)
+    finally:
+        for tmp in tmps:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return stem
+
+
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        print(f"error: unexpected arguments {argv[1:]!r}; every input is a --flag", file=sys.stderr)
+        return 2
+    setup_logging()  # progress lines at INFO, without JAX's "Unable to initialize backend 'tpu'" line
     unknown = [p for p in FLAGS.precisions if p not in REPLAYED]
     if unknown:
         print(f"error: --precisions: {unknown} not among {list(REPLAYED)}", file=sys.stderr)
@@ -231,25 +278,34 @@ def main(argv):
         print(f"error: {FLAGS.golden_dir}: no {', '.join(missing)}.npz (the goldens live in ../shared/golden)",
               file=sys.stderr)
         return 2
+    problem = out_dir_problem(FLAGS.out)
+    if problem:
+        print(f"error: --out={FLAGS.out}: {problem}", file=sys.stderr)
+        return 2
     if jax.default_backend() != "cpu":
         print("error: the emulation replaces the CPU's lowering: run it with JAX_PLATFORMS=cpu", file=sys.stderr)
         return 2
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    rows = replay_all(FLAGS.golden_dir, precisions=tuple(FLAGS.precisions))
+    try:
+        rows = replay_all(FLAGS.golden_dir, precisions=tuple(FLAGS.precisions))
+    except parity.GoldenError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     report = {
         "command": " ".join(["python -m experiments.precision_emulation", *sys.argv[1:]]),
         "started": started, "machine": bench.machine(),
         "goldens": {name: {p: summary(r) for p, r in by.items()} for name, by in rows.items()},
         "errors": {name: {p: {r.name: r.error for r in rs} for p, rs in by.items()} for name, by in rows.items()},
     }
-    os.makedirs(FLAGS.out, exist_ok=True)
-    stem = os.path.join(FLAGS.out, f"precision_emulation_{FLAGS.tag}")
-    write_json_atomic(stem + ".json", report)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
+    try:
+        write_results(FLAGS.out, FLAGS.tag, report)
+    except OSError as err:
+        print(f"error: --out={FLAGS.out}: cannot write the results to {err.filename or FLAGS.out} "
+              f"({err.strerror or err})", file=sys.stderr)
+        return 2
     print(markdown(report))
     return 0
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

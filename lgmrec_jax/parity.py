@@ -12,6 +12,8 @@ Prints one row per quantity and exits 0 only when every row passes.
 from __future__ import annotations
 
 import sys
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -19,9 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app, flags
+from flax import errors as flax_errors
 
 from lgmrec_jax import data as data_lib
 from lgmrec_jax import evaluation, graph as graph_lib, losses, trainer
+from lgmrec_jax.cli import parse_flags, setup_logging
 from lgmrec_jax.configs import PRECISIONS, ConfigError
 from lgmrec_jax.model import HYPER_KEYS, LGMRec, Noise
 from lgmrec_jax.parallel import check_matmul_precision
@@ -51,12 +55,114 @@ def rel_error(got, want) -> float:
     return float(np.max(np.abs(got - want))) / scale
 
 
+CONFIG_INTS = ("n_users", "n_items", "embedding_size", "hyper_num", "n_ui_layers", "n_mm_layers",
+               "n_hyper_layer", "legacy_text_user_hyper")
+CONFIG_FLOATS = ("keep_rate", "alpha", "tau", "cl_weight", "reg_weight")
+SIZES = ("n_users", "n_items", "embedding_size", "hyper_num")  # config integers that must be positive
+LOSS_PARTS = ("bpr", "hcl", "reg", "total")
+TOP_K = 50
+
+
+class GoldenError(data_lib.DatasetError):
+    """A golden file that cannot be replayed; the message is one line naming the file."""
+
+
 def load_golden(path: str) -> dict:
+    """The golden's arrays, checked to hold every key the replay reads, in the shapes its config
+    implies; GoldenError (one line naming ``path``) for an unreadable, truncated or incomplete file."""
     try:
-        with np.load(path) as z:
-            return {k: z[k] for k in z.files}
-    except (OSError, ValueError) as err:
-        raise data_lib.DatasetError(f"{path}: cannot read golden file ({err})") from None
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+        if magic.startswith(b"PK"):  # otherwise np.load would read a .npy header or try a pickle
+            with np.load(path, allow_pickle=False) as z:
+                g = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        # A truncated archive: BadZipFile (no central directory), EOFError or zlib.error (a cut member)
+        text = str(err).strip()
+        reason = getattr(err, "strerror", None) or (text.splitlines()[0] if text else type(err).__name__)
+        raise GoldenError(f"{path}: cannot read golden file ({reason})") from None
+    if not magic.startswith(b"PK"):
+        raise GoldenError(f"{path}: not a golden file (expected an .npz archive)")
+    check_golden(g, path)
+    return g
+
+
+def expected_shapes(g: dict, path: str) -> dict:
+    """{key: shape} for every array the replay reads; None stands for any length."""
+    missing = [f"config/{k}" for k in CONFIG_INTS + CONFIG_FLOATS if f"config/{k}" not in g]
+    if missing:
+        raise GoldenError(f"{path}: not a complete golden file: missing {', '.join(missing)}")
+    for k in CONFIG_INTS + CONFIG_FLOATS:
+        v = g[f"config/{k}"]
+        real = any(np.issubdtype(v.dtype, t) for t in (np.integer, np.floating, np.bool_))
+        if v.shape != () or not real or not np.isfinite(v):
+            raise GoldenError(f"{path}: config/{k} is {v!r}, expected one finite number")
+        least = 1 if k in SIZES else 0
+        if k in CONFIG_INTS and (float(v) != round(float(v)) or float(v) < least):
+            raise GoldenError(f"{path}: config/{k} is {v.item()!r}, expected an integer >= {least}")
+    c = lambda k: int(g[f"config/{k}"])
+    users, items, dim, hyper = c("n_users"), c("n_items"), c("embedding_size"), c("hyper_num")
+    shapes = {f"data/{s}": (None, 2) for s in ("train", "valid", "test")}
+    modalities = []
+    for m in ("v", "t"):
+        feat = g.get(f"data/{m}_feat")
+        if feat is not None:
+            if feat.ndim != 2:
+                raise GoldenError(f"{path}: data/{m}_feat has shape {feat.shape}, expected ({items}, feature dim)")
+            modalities.append((m, feat.shape[1]))
+            shapes[f"data/{m}_feat"] = (items, feat.shape[1])
+    params = {"user_emb": (users, dim), "item_emb": (items, dim)}
+    for m, feat_dim in modalities:
+        params[f"{m}_proj"], params[f"{m}_hyper"] = (feat_dim, dim), (feat_dim, hyper)
+    for prefix in ("param", "grad", "adam1"):
+        shapes.update({f"{prefix}/{k}": shape for k, shape in params.items()})
+    batch = len(g["batch/users"]) if getattr(g.get("batch/users"), "ndim", 0) == 1 else None
+    shapes.update({f"batch/{k}": (batch,) for k in ("users", "pos", "neg")})
+    shapes.update({"train/user_out": (users, dim), "train/item_out": (items, dim),
+                   "eval/user_out": (users, dim), "eval/item_out": (items, dim), "eval/scores": (users, items)})
+    shapes.update({f"loss/{k}": () for k in LOSS_PARTS})
+    rows = {"user": users, "item": items}
+    for m, _ in modalities:
+        for side, n in rows.items():
+            shapes[f"train/hyper_{m}_{side}"] = (n, dim)
+            for noise in ("train/gumbel", "train/keep", "eval/gumbel"):
+                shapes[f"{noise}/{m}_{side}"] = (n, hyper)
+    for split in ("valid", "test"):
+        evaluated = g.get(f"metrics_{split}/users")
+        shapes[f"metrics_{split}/users"] = (None,)
+        shapes[f"metrics_{split}/top50"] = (len(evaluated) if getattr(evaluated, "ndim", 0) == 1 else None, TOP_K)
+    return shapes
+
+
+INDICES = {"data/train": ("n_users", "n_items"), "data/valid": ("n_users", "n_items"),
+           "data/test": ("n_users", "n_items"), "batch/users": ("n_users",), "batch/pos": ("n_items",),
+           "batch/neg": ("n_items",), "metrics_valid/users": ("n_users",), "metrics_test/users": ("n_users",)}
+
+
+def check_golden(g: dict, path: str) -> None:
+    """Raises GoldenError naming ``path`` and the first problem: a missing key, a wrong shape, a
+    non-numeric array, or an id out of the config's range."""
+    shapes = expected_shapes(g, path)
+    missing = [k for k in shapes if k not in g]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise GoldenError(f"{path}: not a complete golden file: missing {', '.join(missing[:5])}{more}")
+    for key, shape in shapes.items():
+        a = g[key]
+        if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_):
+            raise GoldenError(f"{path}: {key} holds {a.dtype} values, expected numbers")
+        if len(a.shape) != len(shape) or any(want is not None and got != want for got, want in zip(a.shape, shape)):
+            want = "(" + ", ".join("any" if n is None else str(n) for n in shape) + ("," if len(shape) == 1 else "") + ")"
+            raise GoldenError(f"{path}: {key} has shape {a.shape}, expected {want} (from the golden's config and data)")
+    for key, bounds in INDICES.items():
+        a = g[key]
+        if a.size and not np.issubdtype(a.dtype, np.integer):
+            raise GoldenError(f"{path}: {key} holds {a.dtype} values, expected integer ids")
+        for column, bound in enumerate(bounds):
+            ids = a[:, column] if a.ndim == 2 else a
+            limit = int(g[f"config/{bound}"])
+            if ids.size and (ids.min() < 0 or ids.max() >= limit):
+                raise GoldenError(f"{path}: {key} holds ids outside [0, {limit}) (config/{bound} is {limit})")
 
 
 def golden_model(g: dict, kernel: str = "segment_sum") -> LGMRec:
@@ -150,8 +256,13 @@ def format_rows(rows: list[Row]) -> str:
 
 
 def run(path: str, kernel: str = "segment_sum", precision: str = "highest") -> tuple[bool, str]:
-    with jax.default_matmul_precision(precision):
-        rows = replay(load_golden(path), kernel)
+    g = load_golden(path)
+    try:
+        with jax.default_matmul_precision(precision):
+            rows = replay(g, kernel)
+    except flax_errors.ScopeParamShapeError as err:  # load_golden's checks should have caught it first
+        reason = str(err).split(" (https://")[0]
+        raise GoldenError(f"{path}: does not match the model its config describes ({reason})") from None
     return all(r.passed for r in rows), format_rows(rows)
 
 
@@ -164,7 +275,10 @@ flags.DEFINE_enum("matmul_precision", "highest", list(PRECISIONS),
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        print(f"parity: unexpected arguments {argv[1:]!r}; the golden is given as --golden=PATH", file=sys.stderr)
+        return 2
+    setup_logging()  # keeps JAX's backend-probe INFO line ("Unable to initialize backend 'tpu'") out
     if not FLAGS.golden:
         print("parity: --golden PATH is required", file=sys.stderr)
         return 2
@@ -180,4 +294,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from typing import Optional
 
 from absl import app, flags, logging
@@ -82,7 +83,12 @@ def read_json(path: str) -> Optional[dict]:
 
 
 def read_metrics(path: str) -> list[dict]:
-    """The epoch rows of metrics.jsonl; a corrupt line is an error naming its line number."""
+    """The epoch rows of metrics.jsonl; a corrupt line is an error naming its line number.
+
+    The one exception: a last line without its newline that is not valid JSON is what a kill during
+    the run's append leaves (the run skips it too, and rewrites the file on resume). It is skipped
+    with a warning on stderr; a corrupt line anywhere else, or a complete last one, stays an error.
+    """
     if not os.path.exists(path):
         raise ReportError(f"{path}: no metrics.jsonl (has the run finished an epoch in this workdir?)")
     rows = []
@@ -91,12 +97,18 @@ def read_metrics(path: str) -> list[dict]:
             lines = handle.readlines()
     except OSError as err:
         raise ReportError(f"{path}: cannot read ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        raise ReportError(f"{path}: not valid JSON lines (not UTF-8 text: {err.reason})") from None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
+            if number == len(lines) and not line.endswith("\n"):
+                print(f"warning: {path} line {number}: skipped a truncated last line (not valid JSON, no "
+                      f"newline: the run was stopped while appending it)", file=sys.stderr)
+                continue
             raise ReportError(f"{path} line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
             raise ReportError(f"{path} line {number}: expected a JSON object with an integer 'epoch'")

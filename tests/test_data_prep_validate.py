@@ -89,7 +89,7 @@ def test_invalid_directory_exits_2_with_one_line(tmp_path, capsys, breakage, mes
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in captured.err
-    assert re.search(message, lines[0]), lines[0]
+    assert lines[0].startswith("error: ") and re.search(message, lines[0]), lines[0]
 
 
 def test_command_line_exit_codes(tmp_path):
@@ -99,5 +99,11 @@ def test_command_line_exit_codes(tmp_path):
     write_inter(tmp_path / "bad", "bad", [(0, "x", 1.0, 1, 0)])
     proc = cli(tmp_path / "bad")
     assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == f"{tmp_path / 'bad' / 'bad.inter'}:2: itemID is 'x', expected a non-negative integer"
-    assert cli().returncode == 1
+    assert proc.stderr.strip() == f"error: {tmp_path / 'bad' / 'bad.inter'}:2: itemID is 'x', expected a non-negative integer"
+    for args in ((), (tmp_path / "good", tmp_path / "bad")):  # usage errors: one line, exit 2
+        proc = cli(*args)
+        assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+        assert proc.stderr.strip().splitlines() == [
+            f"error: expected one DATASET_DIR argument, got {len(args)}; usage: python -m data_prep.validate DATASET_DIR"]
+    proc = cli("--help")
+    assert proc.returncode == 0 and proc.stdout.startswith("usage: python -m data_prep.validate DATASET_DIR")

@@ -2,14 +2,17 @@
 cannot run, and the CPU emulation of the accelerators' algorithms (experiments/precision_emulation.py)
 computes what those algorithms compute."""
 
+import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import shared_path
+from conftest import REPO, shared_path
 from experiments import precision_emulation as emulation
 from lgmrec_jax import configs, graph as graph_lib, losses, parallel, parity, trainer
 from test_model import small_config, toy_dataset
@@ -160,3 +163,54 @@ def test_every_product_of_the_gpu_step_carries_the_algorithm(precision, algorith
     dots = re.findall(r"stablehlo\.dot_general .*", lowered.as_text())
     assert len(dots) >= 20  # forward and backward products of both modalities, both losses
     assert all(algorithm in d for d in dots), [d for d in dots if algorithm not in d][:2]
+
+
+def emulation_cli(*args):
+    """The tool as a user runs it: no JAX_PLATFORMS from conftest (JAX probes the other backends, and
+    logs that it found no TPU), no GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    return subprocess.run([sys.executable, "-m", "experiments.precision_emulation", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env=env)
+
+
+def test_cli_logs_one_line_per_replay(tmp_path):
+    golden_dir = os.path.dirname(shared_path("golden", "lgmrec_fixed.npz"))
+    shared_path("golden", "lgmrec_legacy.npz")
+    proc = emulation_cli("--precisions=highest", f"--golden_dir={golden_dir}", f"--out={tmp_path / 'out'}",
+                         "--tag=t")
+    assert proc.returncode == 0, proc.stderr
+    assert "Unable to initialize backend" not in proc.stderr, proc.stderr
+    progress = [line for line in proc.stderr.splitlines() if "] replayed " in line]
+    assert [line.split("] ")[1].split(",")[0] for line in progress] == [
+        "replayed 1/2: lgmrec_fixed under highest", "replayed 2/2: lgmrec_legacy under highest"]
+    assert all(", 0 of " in line and " rows failed (" in line for line in progress), progress
+    assert sorted(os.listdir(tmp_path / "out")) == ["precision_emulation_t.json", "precision_emulation_t.md"]
+    assert proc.stdout.startswith("# Matmul precisions against the goldens, emulated on a CPU")
+
+
+@pytest.mark.parametrize("case", ["out_is_a_file", "out_under_a_file", "bad_flag", "truncated_golden"])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
+    (tmp_path / "file").write_text("")
+    golden_dir, out = tmp_path / "golden", tmp_path / "out"
+    golden_dir.mkdir()
+    for name in emulation.GOLDENS:  # never read in the cases refused before the replay
+        (golden_dir / f"{name}.npz").write_bytes(b"PK\x03\x04" + b"\0" * 60)  # a zip cut after its first header
+    args = [f"--golden_dir={golden_dir}", f"--out={out}"]
+    if case == "out_is_a_file":
+        args[1] = f"--out={tmp_path / 'file'}"
+        expected = f"error: {args[1]}: {tmp_path / 'file'} is a file, expected a directory"
+    elif case == "out_under_a_file":
+        args[1] = f"--out={tmp_path / 'file' / 'results'}"
+        expected = f"error: {args[1]}: {tmp_path / 'file'} is a file, expected a directory"
+    elif case == "bad_flag":
+        args.append("--no_such_flag")
+        expected = "error: bad flag: Unknown command line flag 'no_such_flag'"
+    else:
+        expected = f"error: {golden_dir / 'lgmrec_fixed.npz'}: cannot read golden file ("
+    proc = emulation_cli(*args)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Unable to initialize backend" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(expected), last
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["file", "golden"]

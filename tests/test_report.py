@@ -155,6 +155,44 @@ def test_cli_prints_table_and_plot_location(finished_run, tmp_path):
     assert proc.stderr == ""
 
 
+def cut_off_line(workdir, epoch: int = 2) -> str:
+    """Half of an epoch's metrics.jsonl line, without its newline: what a kill during the run's append
+    leaves (run.Workdir.append_metrics, fault kill:metrics:E)."""
+    line = json.dumps(read_rows(workdir)[epoch], sort_keys=True) + "\n"
+    return line[:len(line) // 2]
+
+
+def test_truncated_last_line_is_skipped_with_a_warning(finished_run, tmp_path, capsys):
+    """A run killed while appending epoch 2's line: the two complete lines are reported, as in progress."""
+    workdir = copy_run(finished_run, tmp_path / "run")
+    os.remove(os.path.join(workdir, "summary.json"))
+    rows = read_rows(workdir)[:2]
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path, "w") as handle:
+        handle.writelines(json.dumps(row) + "\n" for row in rows)
+        handle.write(cut_off_line(finished_run))
+    text = report.report(workdir, plot=False)
+    assert header_value(text, "status") == "in progress" and header_value(text, "epochs run") == "2"
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"warning: {path} line 3: skipped a truncated last line (not valid JSON, no newline: "
+                   "the run was stopped while appending it)"]
+    proc = cli(workdir, "--noplot")
+    assert proc.returncode == 0 and "test recall" in proc.stdout, proc.stderr
+    assert proc.stderr.strip().splitlines() == err
+
+
+def test_truncated_line_in_the_middle_is_an_error(finished_run, tmp_path):
+    """Only the last line can be cut by a kill; a cut line followed by others is corruption."""
+    workdir = copy_run(finished_run, tmp_path / "run")
+    rows = read_rows(workdir)
+    path = os.path.join(workdir, "metrics.jsonl")
+    with open(path, "w") as handle:
+        handle.write(json.dumps(rows[0]) + "\n" + cut_off_line(finished_run, 1))
+        handle.writelines(json.dumps(row) + "\n" for row in rows[1:])
+    with pytest.raises(report.ReportError, match=rf"^{re.escape(path)} line 2: not valid JSON"):
+        report.report(workdir, plot=False)
+
+
 @pytest.mark.parametrize("case", ["missing_workdir", "no_metrics", "corrupt_line", "corrupt_summary",
                                   "no_argument", "bad_flag"])
 def test_cli_errors_are_one_line_exit_2(case, finished_run, tmp_path):

@@ -2,9 +2,13 @@
 
 import hashlib
 import os
+import subprocess
+import sys
 
 import numpy as np
+import pytest
 
+from conftest import REPO
 from data_prep import synthetic
 from lgmrec_jax import data
 
@@ -63,3 +67,45 @@ def test_features_carry_the_interaction_signal(tmp_path):
     rng = np.random.default_rng(0)
     a, b = rng.integers(0, ds.n_items, 5000), rng.integers(0, ds.n_items, 5000)
     assert co > np.sum(t[a] * t[b], axis=1).mean() + 0.05
+
+
+def cli(*args):
+    return subprocess.run([sys.executable, "-m", "data_prep.synthetic", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_cli_writes_the_preset(tmp_path):
+    proc = cli("--preset=tiny", f"--data_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(tmp_path / "synthetic_tiny")
+    assert sorted(os.listdir(tmp_path / "synthetic_tiny")) == ["image_feat.npy", "synthetic_tiny.inter",
+                                                               "text_feat.npy"]
+
+
+@pytest.mark.parametrize("case", ["bad_preset", "data_dir_is_a_file", "data_dir_under_a_file",
+                                  "dataset_is_a_file", "positional"])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
+    (tmp_path / "file").write_text("not a directory\n")
+    args, expected = ["--preset=tiny", f"--data_dir={tmp_path / 'out'}"], None
+    if case == "bad_preset":
+        args[0], expected = "--preset=nope", "error: bad flag: flag --preset=nope: value should be one of"
+    elif case == "data_dir_is_a_file":
+        args[1] = f"--data_dir={tmp_path / 'file'}"
+        expected = f"error: {args[1]}: {tmp_path / 'file'} is a file, expected a directory"
+    elif case == "data_dir_under_a_file":
+        args[1] = f"--data_dir={tmp_path / 'file' / 'sub'}"
+        expected = f"error: {args[1]}: cannot generate the dataset in {tmp_path / 'file' / 'sub'} (Not a directory)"
+    elif case == "dataset_is_a_file":
+        (tmp_path / "out").mkdir()
+        (tmp_path / "out" / "synthetic_tiny").write_text("")
+        expected = f"error: {args[1]}: {tmp_path / 'out' / 'synthetic_tiny'} is a file, expected a directory"
+    else:
+        args.append("extra")
+        expected = "error: unexpected arguments ['extra']"
+    proc = cli(*args)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(expected), last
+    leftovers = [p for p in (tmp_path.iterdir()) if p.name not in ("file", "out")]
+    assert not leftovers and not [p for p in tmp_path.rglob("*") if p.name.startswith(".synthetic")]
