@@ -253,6 +253,7 @@ def resolve(points: list[Point], base_cfg, name: str) -> list[Point]:
     matmul precision against this backend included."""
     from lgmrec_jax import configs, parallel
 
+    precisions_checked = set()
     for p in points:
         cfg = base_cfg.copy_and_resolve_references()
         for key, value in p.overrides.items():
@@ -262,7 +263,9 @@ def resolve(points: list[Point], base_cfg, name: str) -> list[Point]:
                 raise GridError(f"grid {grid_name(name)!r}, config {p.cid}: {key}={value!r}: {err}") from None
         try:
             configs.validate(cfg)
-            parallel.check_matmul_precision(cfg.matmul_precision)
+            if cfg.matmul_precision not in precisions_checked:  # a search shard resolves thousands
+                parallel.check_matmul_precision(cfg.matmul_precision)
+                precisions_checked.add(cfg.matmul_precision)
         except configs.ConfigError as err:
             raise GridError(f"grid {grid_name(name)!r}, config {p.cid}: {err}") from None
         p.cfg = cfg
