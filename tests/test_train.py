@@ -249,16 +249,23 @@ def test_an_empty_workdir_flag_is_refused(tmp_path):
 
 
 def test_ctrl_c_ends_a_run_in_one_line(synthetic_dir, tmp_path):
+    # A background job's children inherit an ignored SIGINT, and Python then raises no KeyboardInterrupt:
+    # the child gets the default disposition back, as a terminal's foreground process has.
     proc = subprocess.Popen([sys.executable, "-m", "lgmrec_jax.train", "--dataset=synthetic_tiny",
-                             f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / 'wd'}", "--config.epochs=100000",
-                             "--config.stopping_step=100000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+                             f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / 'wd'}", "--config.epochs=3000",
+                             "--config.stopping_step=3000"], cwd=REPO, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # interrupt once the run is training
         seen.append(line)
         if "epoch    2" in line:
             proc.send_signal(signal.SIGINT)
             break
-    rest = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, "".join(seen) + rest
+    try:
+        _, rest = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+    assert proc.returncode == 130, "".join(seen) + rest
     assert "Traceback" not in rest and rest.strip().splitlines()[-1] == (
         "error: interrupted; the newest checkpoint is intact: rerun the same command to resume")
