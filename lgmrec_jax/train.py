@@ -71,9 +71,11 @@ def main(argv):
     cfg = resolved_config(FLAGS.dataset)
     try:
         configs.validate(cfg)
-        ds = load_dataset(FLAGS.data_dir, FLAGS.dataset)
+        ds = load_dataset(FLAGS.data_dir, FLAGS.dataset)  # synthetic data is generated: it can take a while
     except (configs.ConfigError, DatasetError) as err:
         fail(str(err))
+    except KeyboardInterrupt:
+        fail("interrupted before training started (no workdir was written); rerun the same command", code=130)
     from lgmrec_jax import compile_cache  # JAX is imported only once the input is known to be good
     from lgmrec_jax.run import NonFiniteError, RunError, train_and_evaluate
 
