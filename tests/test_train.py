@@ -250,11 +250,13 @@ def test_an_empty_workdir_flag_is_refused(tmp_path):
 
 def test_ctrl_c_ends_a_run_in_one_line(synthetic_dir, tmp_path):
     # A background job's children inherit an ignored SIGINT, and Python then raises no KeyboardInterrupt:
-    # the child gets the default disposition back, as a terminal's foreground process has.
-    proc = subprocess.Popen([sys.executable, "-m", "lgmrec_jax.train", "--dataset=synthetic_tiny",
+    # the launcher restores Python's handler, as a terminal's foreground process has it.
+    launcher = ("import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                "sys.argv = ['lgmrec_jax.train'] + sys.argv[1:]; runpy.run_module('lgmrec_jax.train', "
+                "run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", launcher, "--dataset=synthetic_tiny",
                              f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / 'wd'}", "--config.epochs=3000",
-                             "--config.stopping_step=3000"], cwd=REPO, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                             "--config.stopping_step=3000"], cwd=REPO, stderr=subprocess.PIPE, text=True)
     seen = []
     for line in proc.stderr:  # interrupt once the run is training
         seen.append(line)
