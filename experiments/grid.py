@@ -53,6 +53,7 @@ Recall@20). The reference's ``quick_start`` keeps the combination with the best 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -154,7 +155,7 @@ def load_grid(name: str):
 
 
 def where(err: BaseException, path: str) -> str:
-    """'file:line: ' of the innermost frame of ``err`` in ``path`` (a syntax error's own line), or ''."""
+    """'line N: ' of the innermost frame of ``err`` in the file ``path`` (a syntax error's own line), or ''."""
     if isinstance(err, SyntaxError) and err.lineno:
         return f"line {err.lineno}: "
     line = None
@@ -397,18 +398,18 @@ def run_grid(name: str, dataset: str, data_dir: str, workdir: Optional[str] = No
     workdir of its own by default and is never resumed as a plain one, nor the other way round."""
     import jax
 
-    args = (name, dataset, data_dir, workdir, base_overrides, seeds, shard, devices, max_group, mode, repack,
-            restart, eval_chunk, stop_after_epochs, plots, batching)
-    if not emulate_precision:
-        return _run_grid(*args)
-    from experiments import precision_emulation
+    emulation = contextlib.nullcontext()
+    if emulate_precision:
+        from experiments import precision_emulation
 
-    if jax.default_backend() != "cpu":
-        raise GridError(f"emulate_precision replaces the CPU's products; this is a {jax.default_backend()} "
-                        f"(run with JAX_PLATFORMS=cpu, or without it)")
-    workdir = workdir or f"{default_workdir(name, dataset)}_emulated_{emulate_precision}"
-    with precision_emulation.emulating_dot_algorithms(emulate_precision):
-        return _run_grid(*args[:3], workdir, *args[4:], emulate_precision=emulate_precision)
+        if jax.default_backend() != "cpu":
+            raise GridError(f"emulate_precision replaces the CPU's products; this is a {jax.default_backend()} "
+                            f"(run with JAX_PLATFORMS=cpu, or without it)")
+        workdir = workdir or f"{default_workdir(name, dataset)}_emulated_{emulate_precision}"
+        emulation = precision_emulation.emulating_dot_algorithms(emulate_precision)
+    with emulation:
+        return _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, devices, max_group, mode,
+                         repack, restart, eval_chunk, stop_after_epochs, plots, batching, emulate_precision)
 
 
 def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, devices, max_group, mode, repack,

@@ -231,14 +231,14 @@ class Workdir:
                         shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
             config_path = self.file("config.json")
             if os.path.exists(config_path):
+                start_over = "use --restart to start over or choose another --workdir"
                 try:
                     with open(config_path) as handle:
                         old = json.load(handle)
                 except ValueError as err:
-                    old = f"not valid JSON ({err})"
+                    raise RunError(f"{config_path}: not valid JSON ({err}); {start_over}") from None
                 if not isinstance(old, dict):
-                    raise RunError(f"{config_path}: {old if isinstance(old, str) else 'not a JSON object'}; "
-                                   f"use --restart to start over or choose another --workdir")
+                    raise RunError(f"{config_path}: not a JSON object; {start_over}")
                 diffs = identity_differences(old.get("identity", {}), identity)
                 if diffs:
                     raise RunError(f"{self.path} holds a run with a different setup ({'; '.join(diffs)}); "
