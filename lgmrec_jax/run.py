@@ -593,6 +593,11 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
                else EarlyStopping(cfg.stopping_step))
     summary_path = wd.file("summary.json") if primary else None
 
+    if primary and not stopper.should_stop and progress.epoch < cfg.epochs:
+        logging.info("training %s (%d users, %d items, %d training rows; %d steps per epoch) from epoch %d; "
+                     "its first epoch includes compiling the step (seconds, or from JAX's compilation cache)",
+                     ds.name, ds.n_users, ds.n_items, len(ds.train), -(-len(ds.train) // cfg.train_batch_size),
+                     progress.epoch)
     epochs_this_call = 0
     while not stopper.should_stop and progress.epoch < cfg.epochs:
         epoch = progress.epoch

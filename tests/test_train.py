@@ -42,6 +42,7 @@ def test_cli_run_leaves_all_outputs(synthetic_dir, tmp_path):
     assert {"total", "bpr", "hcl", "reg"} == set(rows[0]["loss"]) and rows[0]["loss"]["hcl"] > 0
     assert os.listdir(workdir / "checkpoints")
     assert "epoch    0" in proc.stderr  # one log line per epoch
+    assert "training synthetic_tiny (" in proc.stderr and "first epoch includes compiling" in proc.stderr
 
 
 def test_cli_rejects_bad_input_with_one_line(tmp_path):
@@ -61,6 +62,7 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path):
     ("--config.alpha=abc", "could not convert string to float"),
     ("--config.seed=-1", "error: config: seed is -1, expected 0 <= seed < 2**32"),
     ("--config.learning_rate=-1", "error: config: learning_rate is -1.0, expected > 0"),
+    ("--config.n_ui_layers=100000", "must be 0 to 64 (each layer is unrolled into the compiled step)"),
 ])
 def test_cli_rejects_bad_config(tmp_path, arg, message):
     proc = cli("--dataset=synthetic_tiny", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'wd'}", arg)

@@ -19,6 +19,7 @@ PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat1
               "TF32_TF32_F32_X3", "BF16_BF16_F32_X6")
 FEATURE_DTYPES = ("float32", "bfloat16")
 EVAL_TOPK_METHODS = ("direct", "grouped", "approx")
+MAX_LAYERS = 64  # propagation layers are unrolled into the step: the paper uses up to 4
 METRIC_KEYS = tuple(f"{m}@{k}" for m in ("recall", "ndcg", "precision", "map") for k in (5, 10, 20, 50))
 
 
@@ -57,7 +58,10 @@ def validate(cfg: ml_collections.ConfigDict) -> None:
          f"feature_dtype is {cfg.feature_dtype!r}, expected one of {FEATURE_DTYPES}"),
         (0.0 < cfg.keep_rate <= 1.0, f"keep_rate is {cfg.keep_rate}, expected 0 < keep_rate <= 1"),
         (cfg.n_hyper_layer >= 1, f"n_hyper_layer is {cfg.n_hyper_layer}, expected at least 1"),
-        (min(cfg.n_ui_layers, cfg.n_mm_layers) >= 0, "n_ui_layers and n_mm_layers must be >= 0"),
+        (0 <= min(cfg.n_ui_layers, cfg.n_mm_layers) and max(cfg.n_ui_layers, cfg.n_mm_layers) <= MAX_LAYERS,
+         f"n_ui_layers ({cfg.n_ui_layers}) and n_mm_layers ({cfg.n_mm_layers}) must be 0 to {MAX_LAYERS} (each "
+         f"layer is unrolled into the compiled step)"),
+        (cfg.n_hyper_layer <= MAX_LAYERS, f"n_hyper_layer is {cfg.n_hyper_layer}, expected at most {MAX_LAYERS}"),
         (cfg.hyper_num >= 1 and cfg.embedding_size >= 1, "hyper_num and embedding_size must be >= 1"),
         (cfg.train_batch_size > 0 and cfg.eval_batch_size > 0, "batch sizes must be positive"),
         (cfg.epochs >= 0 and cfg.eval_step >= 1 and cfg.checkpoint_every >= 1,
