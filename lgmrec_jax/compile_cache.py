@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 
 import jax
+from absl import logging
 
 ENV = "LGMREC_JAX_CACHE"
 
@@ -29,8 +30,10 @@ def enable(path: str | None = None) -> str | None:
         return None
     try:
         os.makedirs(path, exist_ok=True)
-    except OSError:
-        return None  # an unwritable cache only costs compile time
+    except OSError as err:  # an unusable cache only costs compile time: say so, and go on
+        logging.warning("%s: cannot hold JAX's compilation cache (%s); compiling without it", path,
+                        err.strerror or err)
+        return None
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     return path

@@ -273,3 +273,17 @@ def test_ctrl_c_ends_a_run_in_one_line(synthetic_dir, tmp_path):
     assert proc.returncode == 130, "".join(seen) + rest
     assert "Traceback" not in rest and rest.strip().splitlines()[-1] == (
         "error: interrupted; the newest checkpoint is intact: rerun the same command to resume")
+
+
+def test_an_unusable_compilation_cache_is_reported_and_skipped(tmp_path, monkeypatch):
+    from absl import logging as absl_logging
+
+    from lgmrec_jax import compile_cache
+
+    warnings = []
+    monkeypatch.setattr(absl_logging, "warning", lambda fmt, *args: warnings.append(fmt % args))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert compile_cache.enable(str(blocker / "xla")) is None
+    assert warnings == [f"{blocker / 'xla'}: cannot hold JAX's compilation cache (Not a directory); "
+                        "compiling without it"]
