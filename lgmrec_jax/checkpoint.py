@@ -140,11 +140,11 @@ class Checkpoints:
             return {}
 
     def _write_scores(self) -> None:
+        from lgmrec_jax.run import write_json_atomic  # local import: run imports this module
+
         present = set(self.manager.all_steps())
-        path = os.path.join(self.directory, SCORES_FILE)
-        with open(f"{path}.tmp", "w") as handle:
-            json.dump({str(s): v for s, v in sorted(self.scores.items()) if s in present}, handle)
-        os.replace(f"{path}.tmp", path)
+        write_json_atomic(os.path.join(self.directory, SCORES_FILE),
+                          {str(s): v for s, v in sorted(self.scores.items()) if s in present})
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())

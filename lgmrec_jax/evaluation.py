@@ -178,13 +178,13 @@ def grouped_top_k(scores: jax.Array, k: int, prune: bool | None = None) -> jax.A
     if k < 1:
         return jax.lax.top_k(scores, k)[1]
     g = group_size(n, k)
-    if -(-n // g) <= k:
+    n_groups = -(-n // g)
+    if n_groups <= k:
         return jax.lax.top_k(scores, k)[1]
     if jax.default_backend() == "cpu" if prune is None else prune:
         # Indices carry no gradient; stopping it here lets callers differentiate around the selection
         # (the batching rule of the pruned path has no reverse-mode rule).
         return pruned_grouped_top_k(jax.lax.stop_gradient(scores), k, g)
-    n_groups = -(-n // g)
     int_type = _int_like(scores.dtype)
     lowest = jnp.iinfo(int_type).min  # the key of the lowest value in total order: pads rank last
     keys = jnp.pad(total_order_key(scores), ((0, 0), (0, n_groups * g - n)), constant_values=lowest)
