@@ -109,3 +109,47 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
     assert last.startswith(expected), last
     leftovers = [p for p in (tmp_path.iterdir()) if p.name not in ("file", "out")]
     assert not leftovers and not [p for p in tmp_path.rglob("*") if p.name.startswith(".synthetic")]
+
+
+def sampling_inputs(seed=3, n_users=50, n_items=40):
+    rng = np.random.default_rng(seed)
+    user_f, item_f = rng.normal(size=(n_users, 4)), rng.normal(size=(n_items, 4))
+    popularity = rng.normal(0.0, 0.7, n_items)
+    counts = synthetic.rows_per_user(rng, n_users, 400, cap=n_items // 2)
+    while not rng.bit_generator.state["has_uint32"]:  # half a 64-bit value buffered by a 32-bit draw
+        rng.integers(0, 5, dtype=np.uint32)
+    return rng, (user_f, item_f, popularity, counts)
+
+
+def test_threaded_sampling_is_the_one_thread_stream():
+    """Blocks drawn on threads from advanced copies of the stream give the one-thread loop's pairs and
+    leave the generator where it leaves it (the buffered half value included)."""
+    rng_1, args = sampling_inputs()
+    one_thread = synthetic.sample_interactions(rng_1, *args, workers=1, block=7)
+    rng_3, args = sampling_inputs()
+    threaded = synthetic.sample_interactions(rng_3, *args, workers=3, block=7)
+    np.testing.assert_array_equal(threaded, one_thread)
+    assert rng_3.bit_generator.state == rng_1.bit_generator.state
+    assert rng_3.integers(0, 1 << 20, 8).tolist() == rng_1.integers(0, 1 << 20, 8).tolist()
+    users, counts = one_thread[:, 0], args[3]
+    assert np.array_equal(np.bincount(users, minlength=len(counts)), counts)  # each user's count
+    assert all(len(set(one_thread[users == u, 1])) == c for u, c in enumerate(counts))  # no repeats
+
+
+def test_a_shifted_stream_falls_back_to_one_thread(monkeypatch):
+    """If a block's draws end anywhere but their count further on (numpy repeats a draw of exactly 0),
+    every block is drawn again on one thread, from the state the sampling started in."""
+    rng_1, args = sampling_inputs()
+    one_thread = synthetic.sample_interactions(rng_1, *args, workers=1, block=7)
+    real, calls = synthetic._stream_at, []
+
+    def off_by_one_at_the_third_block_end(state, offset):
+        calls.append(offset)
+        return real(state, offset + (offset == 21 * 40))
+
+    monkeypatch.setattr(synthetic, "_stream_at", off_by_one_at_the_third_block_end)
+    rng_3, args = sampling_inputs()
+    threaded = synthetic.sample_interactions(rng_3, *args, workers=3, block=7)
+    assert 21 * 40 in calls
+    np.testing.assert_array_equal(threaded, one_thread)
+    assert rng_3.bit_generator.state == rng_1.bit_generator.state
