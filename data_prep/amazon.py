@@ -271,8 +271,11 @@ def prepare(opts: Options, text_encoder: Optional[TextEncoder] = None) -> dict:
     if opts.meta and text_encoder is None:  # load before the long reads: fail fast without the extra
         text_encoder = load_text_encoder(opts.text_model, opts.text_batch_size)
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
+    except OSError as err:
+        raise PrepError(f"--out={opts.out}: cannot create a directory in {parent} ({err.strerror})") from None
     try:
         card = _build(opts, name, tmp, text_encoder)
         _replace(tmp, out, opts.overwrite)
@@ -329,6 +332,8 @@ def _build(opts: Options, name: str, tmp: str, text_encoder: Optional[TextEncode
     card = {"name": name, "command": opts.command, "seed": opts.seed, "k": opts.k,
             "raw": {"lines_read": raw.lines_read, "rows_parsed": len(raw), "blank_lines": raw.blank_lines,
                     "incomplete_rows_dropped": raw.incomplete_rows}}
+    if not len(raw):
+        raise PrepError(f"{inter_path}: no complete interaction rows")
     data = filter_and_reindex(raw, opts.k, card)
     order, labels = split_rows(data.users, np.random.default_rng(opts.seed))
     _write_inter(os.path.join(tmp, f"{name}.inter"), data, order, labels)

@@ -90,7 +90,7 @@ def open_lines(path: str, bad: BadLines) -> Iterator[tuple[int, str]]:
         try:
             for lineno, raw in enumerate(handle, start=1):
                 try:
-                    text = raw.decode("utf-8")
+                    text = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a BOM is no part of an id
                 except UnicodeDecodeError as err:
                     bad.report(path, lineno, f"not UTF-8 text (byte {err.start} of the line)")
                     continue

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -496,3 +497,34 @@ def test_minilm_rows_are_unit_norm_and_deterministic():
     np.testing.assert_allclose(np.linalg.norm(feats, axis=1), 1.0, atol=1e-5)
     np.testing.assert_array_equal(feats[0], feats[1])
     assert not np.allclose(feats[0], feats[3])
+
+
+def test_a_byte_order_mark_is_not_part_of_the_first_id(raw, tmp_path):
+    """A ratings file saved with a UTF-8 BOM gives the same dataset as without it (the trainer's
+    .inter reader skips a BOM too)."""
+    with_bom = tmp_path / "bom.csv"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + open(raw["ratings"], "rb").read())
+    plain = run(raw, tmp_path / "plain" / "baby")
+    bom = run(raw, tmp_path / "bom" / "baby", ratings=str(with_bom))
+    assert bom["files"] == plain["files"] and bom["after_filtering"] == plain["after_filtering"]
+
+
+def test_empty_ratings_file_is_named(raw, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    expect_error(raw, tmp_path, f"^{re.escape(str(empty))}: no complete interaction rows$", ratings=str(empty))
+
+
+@pytest.mark.parametrize("case", ["parent_is_a_file", "parent_in_proc"])
+def test_out_that_cannot_be_created_is_one_line(raw, tmp_path, case):
+    (tmp_path / "afile").write_text("x")
+    if case == "parent_is_a_file":
+        parent = tmp_path / "afile"
+    else:  # not even root creates a directory in /proc
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc here")
+        parent = "/proc/lgmrec_test"
+    out = os.path.join(parent, "baby")
+    with pytest.raises(raw_amazon.PrepError, match=f"^--out={re.escape(out)}: cannot create a directory in "
+                                                   f"{re.escape(str(parent))} \\("):
+        run(raw, out)
