@@ -36,7 +36,11 @@ Outputs in ``--workdir`` (default ``runs/grid/<grid>/<dataset>``):
   <param>.png                valid/test Recall@20 against each swept parameter, error bars over
                              seeds (with matplotlib); settings.png when no parameter plots alone
 A killed grid rerun with the same command skips finished configs and resumes unfinished groups
-from their checkpoints; ``--restart`` discards them (with ``--grid_shard``, only that shard's).
+from their checkpoints; ``--restart`` discards them (with ``--grid_shard``, only that shard's; it
+deletes only the files above, and refuses a workdir that holds anything else). A workdir of another
+grid, dataset, ``--mode`` or ``--emulate_precision`` is refused, and so is another ``epochs`` for a
+group whose configs have all finished (a group is not extended then; ``--mode=sequential`` runs are,
+like single runs).
 
 Sharding: ``--grid_shard=i/n`` (0-based i) runs shard i of n, a contiguous block of the configs
 ordered by program (same-shape configs stay together), and writes its tables to
@@ -75,6 +79,8 @@ from absl import app, flags, logging
 GRIDS_PACKAGE = "experiments.grids"
 GRIDS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "grids")
 MODES = ("group", "sequential")
+# What a grid writes in its workdir, besides a <param>.png per swept parameter; --restart deletes these alone.
+GRID_OUTPUTS = ("grid.json", "results.csv", "results.md", "configs", "groups", "shards")
 SUMMARY_KEYS = ("status", "best_epoch", "epochs_run", "total_wall_s")
 TABLE_METRICS = (("valid", "recall@20"), ("valid", "ndcg@20"), ("test", "recall@10"), ("test", "recall@20"),
                  ("test", "ndcg@10"), ("test", "ndcg@20"), ("test", "precision@20"), ("test", "map@20"))
@@ -222,6 +228,9 @@ def expand(name: str, dataset: str, base_cfg, seeds: Optional[list[int]] = None)
             raise GridError(f"grid {gname!r}: add({', '.join(f'{k}=...' for k in unknown)}) sets unknown config "
                             f"key(s) {', '.join(map(repr, unknown))}; known keys: {', '.join(sorted(known))}"
                             + (f" ({note})" if note else ""))
+        infinite = [k for k, v in sorted(overrides.items()) if isinstance(v, float) and not math.isfinite(v)]
+        if infinite:
+            raise GridError(f"grid {gname!r}: add({infinite[0]}={overrides[infinite[0]]}) is not a finite number")
         added.append((overrides, label))
 
     ctx = GridContext(dataset, configs.config_name(dataset), base_cfg.copy_and_resolve_references())
@@ -357,16 +366,30 @@ def base_config(dataset: str, overrides: Optional[dict] = None):
 
 
 def manifest_of(name: str, dataset: str, points: list[Point], base_overrides: dict, seeds, valid_metric: str,
-                grid_path: Optional[str] = None, emulate_precision: Optional[str] = None) -> dict:
+                grid_path: Optional[str] = None, emulate_precision: Optional[str] = None,
+                mode: Optional[str] = None) -> dict:
     """What grid.json records: enough to expand the grid again (grid_merge does), and its configs."""
     manifest = {"grid": grid_name(name), "grid_source": grid_path or name, "dataset": dataset,
                 "base_overrides": base_overrides, "seeds": seeds, "n_configs": len(points),
                 "swept": swept_keys(points), "valid_metric": valid_metric}
+    if mode:
+        manifest["mode"] = mode
     if emulate_precision:  # its products are not this machine's own (experiments/precision_emulation.py)
         manifest["emulate_precision"] = emulate_precision
     if len(points) <= MANIFEST_LIST_LIMIT:
         manifest["configs"] = [p.manifest() for p in points]
     return manifest
+
+
+def refuse_other_grid(workdir: str, before: dict, manifest: dict) -> None:
+    """GridError when the workdir's grid.json records another grid, dataset, mode or precision emulation:
+    their configs and tables must not mix (a grid.json from before "mode" was recorded passes on it)."""
+    keys = [key for key in ("grid", "dataset", "mode") if key in before] + ["emulate_precision"]
+    changed = [key for key in keys if before.get(key) != manifest.get(key)]
+    if changed:
+        what = "; ".join(f"{key}: {before.get(key)} -> {manifest.get(key)}" for key in changed)
+        raise GridError(f"{workdir} holds another grid run ({what}): their results must not mix; rerun it as it "
+                        f"was, use --restart to discard it, or choose another --workdir")
 
 
 def write_json_unique(path: str, payload) -> None:
@@ -430,28 +453,34 @@ def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, de
     base_overrides = dict(base_overrides or {})
     base = base_config(dataset, base_overrides)
     points = expand(name, dataset, base, seeds)
+    shadowed = sorted(set(base_overrides) & set().union(*(p.overrides for p in points)))
+    if shadowed:
+        logging.warning("the grid sets %s per config: the --config value(s) given for %s are not used",
+                        ", ".join(shadowed), "them" if len(shadowed) > 1 else "it")
     mine = resolve(shard_points(points, *shard), base, name)
     if mode == "group":  # a group spreads whole configs over --devices: each config is on one device
         for p in mine:
             p.cfg.num_devices = 1
     workdir = workdir or default_workdir(name, dataset)
     groups = make_groups(mine, 1 if mode == "sequential" else max_group)
+    grid_path = os.path.abspath(name) if name.endswith(".py") else None
+    manifest = manifest_of(name, dataset, points, base_overrides, seeds, base.valid_metric, grid_path,
+                           emulate_precision, mode)
+    ds = load_dataset(data_dir, dataset)  # bad data stops the grid before anything is deleted or written
     if restart and os.path.isdir(workdir):
         if shard[1] == 1:
-            shutil.rmtree(workdir)
+            try:
+                run_lib.clear_for_restart(workdir, GRID_OUTPUTS, suffixes=(".png",))
+            except run_lib.RunError as err:
+                raise GridError(str(err)) from None
         else:  # only this shard's configs and groups: other shards may share the workdir
             for path in [config_dir(workdir, p.cid) for p in mine] + [os.path.join(workdir, "groups", g)
                                                                       for g, _ in groups]:
                 shutil.rmtree(path, ignore_errors=True)
-    grid_path = os.path.abspath(name) if name.endswith(".py") else None
-    manifest = manifest_of(name, dataset, points, base_overrides, seeds, base.valid_metric, grid_path,
-                           emulate_precision)
-    ds = load_dataset(data_dir, dataset)  # bad data stops the grid before anything is written
     manifest_path = os.path.join(workdir, "grid.json")
     before = read_json(manifest_path) if os.path.isdir(workdir) else None
-    if before is not None and before.get("emulate_precision") != emulate_precision:
-        raise GridError(f"{workdir} holds a grid run with emulate_precision={before.get('emulate_precision')}, "
-                        f"this one has {emulate_precision}: their results must not mix; choose another --workdir")
+    if before is not None:
+        refuse_other_grid(workdir, before, manifest)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as err:

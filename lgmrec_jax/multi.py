@@ -459,10 +459,26 @@ def _summary(cfg, ds: Dataset, stopper: EarlyStopping, progress: _ConfigProgress
             "total_wall_s": round(progress.wall_s, 3)}
 
 
+def _refuse_other_length(member: Member, summary: Optional[dict]) -> None:
+    """A finished config whose run length disagrees with its config's epochs is refused (GroupError),
+    since its files would then describe another run than its config.json says: one that reached
+    max_epochs below ``epochs`` (a group is not extended once every member has finished; a single run
+    is), or one longer than ``epochs`` (a run is not shortened)."""
+    if not summary:
+        return
+    ran, epochs = summary.get("epochs_run", 0), member.cfg.epochs
+    if ran > epochs or summary.get("status") == "max_epochs" and ran < epochs:
+        raise GroupError(f"config {member.cid} finished after {ran} epochs ({summary.get('status')}), and asks "
+                         f"for epochs={epochs}: a finished group is neither extended nor shortened; rerun with "
+                         f"epochs={ran}, or use --restart (or another --workdir) to train it again")
+
+
 def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk, stop_after_epochs,
                  checksums, on_epoch, batching) -> dict:
     by_id = {m.cid: m for m in members}
     summaries = {m.cid: read_summary(m.workdir) for m in members}
+    for m in members:
+        _refuse_other_length(m, summaries[m.cid])
     if all(summaries.values()):
         return summaries  # every member finished in an earlier call
     cfg0 = members[0].cfg

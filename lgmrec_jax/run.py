@@ -171,9 +171,12 @@ def identity_differences(old: dict, new: dict) -> list[str]:
             continue  # a key added since the run started, set to what the run did before it existed
         if key not in EXECUTION_KEYS and old_cfg.get(key) != new_cfg.get(key):
             diffs.append(f"config.{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
-    for name in sorted(set(old.get("dataset_files", {})) | set(new["dataset_files"])):
-        if old.get("dataset_files", {}).get(name) != new["dataset_files"].get(name):
-            diffs.append(f"dataset file {name} changed (sha256)")
+    old_files = old.get("dataset_files", {})
+    for name in sorted(set(old_files) | set(new["dataset_files"])):
+        before, now = old_files.get(name), new["dataset_files"].get(name)
+        if before != now:
+            change = "is gone" if now is None else "is new" if before is None else "changed (sha256)"
+            diffs.append(f"dataset file {name} {change}")
     return diffs
 
 
@@ -186,6 +189,33 @@ def write_json_atomic(path: str, payload, tmp: Optional[str] = None) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+# What a run writes in its workdir (curves.png: lgmrec_jax.report's plot); --restart deletes these alone.
+RUN_OUTPUTS = (".lock", "checkpoints", "config.json", "metrics.jsonl", "summary.json", "tensorboard",
+               "curves.png", ".write-probe")
+
+
+def clear_for_restart(path: str, outputs: tuple, keep: tuple = (), dry_run: bool = False,
+                      suffixes: tuple = ()) -> None:
+    """``--restart``: deletes the entries of ``path`` that are ``outputs`` (or their temporary files,
+    ``<output>.<suffix>`` or ``<output>-<suffix>``) or end in one of ``suffixes``, except ``keep``.
+    Refuses (RunError, nothing deleted) when ``path`` holds anything else: a --workdir pointed at a
+    source tree or a data directory must not be emptied. ``dry_run``: the refusal alone."""
+    def owned(name):
+        return name.endswith(suffixes) or any(name == out or name.startswith((f"{out}.", f"{out}-"))
+                                              for out in outputs)
+
+    names = sorted(os.listdir(path))
+    foreign = [name for name in names if not owned(name)]
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise RunError(f"{path}: --restart deletes only what a run wrote there, and it also holds {shown}; "
+                       f"move those away or choose another --workdir")
+    for name in names if not dry_run else ():
+        if name not in keep:
+            target = os.path.join(path, name)
+            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
 
 
 class Workdir:
@@ -207,6 +237,8 @@ class Workdir:
         except OSError as err:
             raise RunError(f"{self.path}: workdir cannot be created ({err.strerror}); choose another --workdir") \
                 from None
+        if restart:  # before the lock file: a refused restart leaves the directory as it was
+            clear_for_restart(self.path, RUN_OUTPUTS, dry_run=True)
         self.lock()  # before any write: a refused second run touches nothing
         try:
             try:
@@ -225,10 +257,7 @@ class Workdir:
             for probe in glob.glob(self.file(".write-probe-*")):
                 os.remove(probe)
             if restart:
-                for name in os.listdir(self.path):
-                    if name != ".lock":
-                        target = self.file(name)
-                        shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+                clear_for_restart(self.path, RUN_OUTPUTS, keep=(".lock",))
             config_path = self.file("config.json")
             if os.path.exists(config_path):
                 start_over = "use --restart to start over or choose another --workdir"
@@ -493,6 +522,9 @@ def _open_workdir(cfg, ds, wd: Workdir, identity: dict, state):
     _check_free_space(wd, state)
     checkpoints = ckpt_lib.Checkpoints(wd.file("checkpoints"), cfg.keep_checkpoints)
     restored, progress = _restore(cfg, wd, checkpoints, state)
+    if progress.epoch > cfg.epochs:  # its files would describe a longer run than config.json then says
+        raise RunError(f"{wd.path} holds a run of {progress.epoch} epochs, more than epochs={cfg.epochs}: a run "
+                       f"is not shortened; ask for {progress.epoch} or more, or use --restart to start over")
     if restored is not None:
         logging.info("resumed %s at epoch %d", wd.path, progress.epoch)
     write_json_atomic(wd.file("config.json"), {"identity": identity, "versions": versions(),

@@ -414,8 +414,8 @@ def test_emulated_precision_grid_computes_the_accelerators_products(synthetic_di
                           text=True, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {emulated_dir} holds a grid run with emulate_precision=tpu, this one has None: their results "
-        "must not mix; choose another --workdir")
+        f"error: {emulated_dir} holds another grid run (emulate_precision: tpu -> None): their results must not "
+        "mix; rerun it as it was, use --restart to discard it, or choose another --workdir")
 
 
 def test_a_precision_the_backend_cannot_run_is_refused_before_anything_is_written(synthetic_dir, tmp_path):
@@ -454,3 +454,73 @@ def test_bad_data_stops_a_grid_before_it_writes(tmp_path):
     with pytest.raises(DatasetError, match="dataset directory not found"):
         grid_lib.run_grid(g, "nope", str(tmp_path), str(tmp_path / "wd"), TINY)
     assert not (tmp_path / "wd").exists()
+
+
+def test_restart_checks_the_data_first_and_deletes_only_what_a_grid_wrote(plain_dir, tmp_path):
+    g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
+    workdir = tmp_path / "wd"
+    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1})
+    written = sorted(os.listdir(workdir))
+    assert {"grid.json", "results.csv", "results.md", "configs", "groups"} <= set(written)
+    with pytest.raises(DatasetError, match="dataset directory not found"):
+        grid_lib.run_grid(g, "nope", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
+    assert sorted(os.listdir(workdir)) == written  # bad data: the old results are still there
+    (workdir / "notes.txt").write_text("mine\n")
+    with pytest.raises(grid_lib.GridError, match=r"wd: --restart deletes only what a run wrote there, and it "
+                                                 r"also holds notes.txt; move those away"):
+        grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
+    assert sorted(os.listdir(workdir)) == sorted(written + ["notes.txt"])
+    (workdir / "notes.txt").unlink()
+    (workdir / "alpha.png").write_text("an old plot")
+    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
+    assert sorted(os.listdir(workdir)) == written
+
+
+@pytest.mark.parametrize("change", ["grid", "dataset", "mode"])
+def test_a_workdir_of_another_grid_is_refused(plain_dir, tmp_path, change):
+    g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
+    other = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.5)\n", name="other.py")
+    workdir = tmp_path / "wd"
+    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1})
+    recorded = (workdir / "grid.json").read_text()
+    shutil.copytree(os.path.join(plain_dir, "plain"), tmp_path / "data" / "plain2")
+    os.rename(tmp_path / "data" / "plain2" / "plain.inter", tmp_path / "data" / "plain2" / "plain2.inter")
+    args = {"grid": (other, "plain", plain_dir, {}), "dataset": (g, "plain2", str(tmp_path / "data"), {}),
+            "mode": (g, "plain", plain_dir, {"mode": "sequential"})}[change]
+    expected = {"grid": "grid: g -> other", "dataset": "dataset: plain -> plain2", "mode": "mode: group -> sequential"}
+    with pytest.raises(grid_lib.GridError, match=rf"holds another grid run \({expected[change]}\): their results "
+                                                 rf"must not mix"):
+        grid_lib.run_grid(args[0], args[1], args[2], str(workdir), {**PLAIN, "epochs": 1}, **args[3])
+    assert (workdir / "grid.json").read_text() == recorded
+    assert sorted(os.listdir(workdir / "configs")) == ["base"]
+
+
+def test_a_finished_group_is_neither_extended_nor_shortened(plain_dir, tmp_path):
+    """A group whose members all finished at max_epochs keeps its results: a rerun asking for another
+    number of epochs is refused (a single run is extended instead), and grid.json is left as it was."""
+    g = grid_file(tmp_path, ALPHA_SEEDS)
+    workdir = tmp_path / "wd"
+    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), PLAIN)
+    recorded = (workdir / "grid.json").read_text()
+    for epochs in (3, 1):
+        with pytest.raises(grid_lib.GridError, match=rf"config alpha=0.3,seed=0 finished after 2 epochs "
+                                                     rf"\(max_epochs\), and asks for epochs={epochs}: a finished "
+                                                     rf"group is neither extended nor shortened"):
+            grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": epochs})
+        assert (workdir / "grid.json").read_text() == recorded
+
+
+def test_a_non_finite_value_in_a_grid_is_refused_before_anything_runs(tmp_path):
+    base = grid_lib.base_config("synthetic_tiny")
+    with pytest.raises(grid_lib.GridError, match=r"grid 'g': add\(reg_weight=inf\) is not a finite number"):
+        grid_lib.expand(grid_file(tmp_path, "def sweep(add):\n    add(reg_weight=float('inf'))\n"),
+                        "synthetic_tiny", base)
+
+
+def test_a_base_override_the_grid_sets_per_config_is_named_in_a_warning(plain_dir, tmp_path, caplog):
+    g = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.5)\n")
+    with caplog.at_level("WARNING"):
+        grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "wd"), {**PLAIN, "epochs": 1, "alpha": 0.77})
+    assert "the grid sets alpha per config: the --config value(s) given for it are not used" in caplog.text
+    config = json.loads((tmp_path / "wd" / "configs" / "alpha=0.5" / "config.json").read_text())
+    assert config["identity"]["config"]["alpha"] == 0.5

@@ -63,6 +63,8 @@ def test_cli_rejects_bad_input_with_one_line(tmp_path):
     ("--config.seed=-1", "error: config: seed is -1, expected 0 <= seed < 2**32"),
     ("--config.learning_rate=-1", "error: config: learning_rate is -1.0, expected > 0"),
     ("--config.n_ui_layers=100000", "must be 0 to 64 (each layer is unrolled into the compiled step)"),
+    ("--config.tau=inf", "error: config: tau is inf, expected a finite number"),
+    ("--config.learning_rate=nan", "error: config: learning_rate is nan, expected a finite number"),
 ])
 def test_cli_rejects_bad_config(tmp_path, arg, message):
     proc = cli("--dataset=synthetic_tiny", f"--data_dir={tmp_path}", f"--workdir={tmp_path / 'wd'}", arg)
@@ -287,3 +289,52 @@ def test_an_unusable_compilation_cache_is_reported_and_skipped(tmp_path, monkeyp
     assert compile_cache.enable(str(blocker / "xla")) is None
     assert warnings == [f"{blocker / 'xla'}: cannot hold JAX's compilation cache (Not a directory); "
                         "compiling without it"]
+
+
+def test_restart_refuses_a_workdir_holding_files_no_run_wrote(synthetic_dir, tmp_path):
+    """--restart deletes a run's own files (temporary ones included) and nothing else: a --workdir
+    pointed at a directory with other files in it is refused before anything is deleted."""
+    workdir = tmp_path / "project"
+    (workdir / "src").mkdir(parents=True)
+    (workdir / "src" / "model.py").write_text("code\n")
+    (workdir / "notes.txt").write_text("mine\n")
+    args = ("--dataset=synthetic_tiny", f"--data_dir={synthetic_dir}", f"--workdir={workdir}", "--restart",
+            "--config.epochs=1")
+    proc = cli(*args)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {workdir}: --restart deletes only what a run wrote there, and it also holds notes.txt, src; "
+        f"move those away or choose another --workdir")
+    assert sorted(os.listdir(workdir)) == ["notes.txt", "src"]  # nothing deleted, nothing written
+    assert (workdir / "src" / "model.py").read_text() == "code\n"
+
+    (workdir / "notes.txt").unlink()
+    (workdir / "src" / "model.py").unlink()
+    (workdir / "src").rmdir()
+    assert cli(*args).returncode == 0
+    (workdir / "tensorboard").mkdir()
+    for leftover in ("curves.png", "curves.png.tmp.png", "metrics.jsonl.tmp", ".write-probe-12"):
+        (workdir / leftover).write_text("x")
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(os.listdir(workdir)) == [".lock", "checkpoints", "config.json", "metrics.jsonl", "summary.json"]
+    assert len(read_jsonl(workdir / "metrics.jsonl")) == 1
+
+
+def test_a_run_is_not_shortened_by_a_smaller_epochs(synthetic_dir, tmp_path):
+    ds = load_dataset(synthetic_dir, "synthetic_tiny")
+    run_lib.train_and_evaluate(tiny_config(epochs=3, stopping_step=100), ds, str(tmp_path))
+    config_before = (tmp_path / "config.json").read_text()
+    with pytest.raises(run_lib.RunError, match=r"holds a run of 3 epochs, more than epochs=2: a run is not "
+                                               r"shortened; ask for 3 or more, or use --restart"):
+        run_lib.train_and_evaluate(tiny_config(epochs=2, stopping_step=100), ds, str(tmp_path))
+    assert (tmp_path / "config.json").read_text() == config_before
+    assert run_lib.train_and_evaluate(tiny_config(epochs=3, stopping_step=100), ds, str(tmp_path))["epochs_run"] == 3
+
+
+def test_identity_differences_say_how_a_dataset_file_changed():
+    old = {"dataset": "d", "config": {}, "dataset_files": {"a.inter": "1", "image_feat.npy": "2", "t.npy": "3"}}
+    new = {"dataset": "d", "config": {}, "dataset_files": {"a.inter": "1", "t.npy": "4", "text_feat.npy": "5"}}
+    assert run_lib.identity_differences(old, new) == [
+        "dataset file image_feat.npy is gone", "dataset file t.npy changed (sha256)",
+        "dataset file text_feat.npy is new"]

@@ -6,6 +6,7 @@ dataset name (``synthetic_baby`` uses ``baby``), falling back to ``default``.
 """
 
 import importlib
+import math
 
 import ml_collections
 
@@ -39,6 +40,9 @@ def for_dataset(dataset: str) -> ml_collections.ConfigDict:
 
 def validate(cfg: ml_collections.ConfigDict) -> None:
     """Raises ConfigError naming the first key whose value cannot run (no JAX needed)."""
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"config: {key} is {value}, expected a finite number")
     checks = [
         (cfg.eval_noise in EVAL_NOISE_MODES, f"eval_noise is {cfg.eval_noise!r}, expected one of {EVAL_NOISE_MODES}"),
         (cfg.kernel in KERNELS, f"kernel is {cfg.kernel!r}, expected one of {KERNELS}"),
