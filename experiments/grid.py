@@ -633,6 +633,11 @@ def markdown(manifest: dict, rows: list[dict]) -> str:
              + (f", {len(rows) - n_done} missing (not run or not finished)" if n_done < len(rows) else "") + ".",
              "Values are mean ± sample standard deviation over the seeds of a setting, each taken at that "
              "run's best validation epoch (early stopping on the rounded validation metric).", "",
+             "Every config: the dataset's config"
+             + (", with " + ", ".join(f"`{k}={fmt_value(v)}`" for k, v in sorted(manifest["base_overrides"].items()))
+                if manifest.get("base_overrides") else " unchanged")
+             + f" except what the settings set; seeds {', '.join(map(str, manifest.get('seeds') or [])) or 'of the grid'}.",
+             "",
              *([f"**Emulated**: every product was computed on a CPU as a {manifest['emulate_precision'].upper()} "
                 "computes the configs' matmul precision (`--emulate_precision`, experiments/precision_emulation.py).",
                 ""] if manifest.get("emulate_precision") else []),

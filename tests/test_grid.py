@@ -208,7 +208,8 @@ def test_two_processes_with_jax_distributed_split_the_grid(plain_dir, tmp_path, 
 
 
 def test_tables_mean_std_and_selection_by_validation(tmp_path):
-    manifest = {"grid": "g", "dataset": "d", "swept": ["alpha"], "valid_metric": "recall@20"}
+    manifest = {"grid": "g", "dataset": "d", "swept": ["alpha"], "valid_metric": "recall@20",
+                "base_overrides": {"stopping_step": 5, "epochs": 20}, "seeds": [0, 1]}
 
     def row(alpha, seed, valid, test):
         overrides = {"alpha": alpha, "seed": seed}
@@ -224,6 +225,8 @@ def test_tables_mean_std_and_selection_by_validation(tmp_path):
     best_line = next(line for line in md.splitlines() if line.startswith("| ★"))
     assert "alpha=0.5" in best_line and "0.2100 ± 0.0141" in best_line  # by validation, sample std
     assert "its pick here would be `alpha=0.1`" in md  # the reference's test-set pick, named
+    assert ("Every config: the dataset's config, with `epochs=20`, `stopping_step=5` except what the settings "
+            "set; seeds 0, 1.") in md  # how the table was made, beyond the swept values
     table = read_csv(tmp_path / "results.csv")
     assert [r["alpha"] for r in table] == ["0.1", "0.1", "0.5", "0.5"] and table[2]["valid_recall@20"] == "0.2"
     pytest.importorskip("matplotlib")
