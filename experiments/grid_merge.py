@@ -33,6 +33,22 @@ def read_manifest(path: str) -> dict:
     return manifest
 
 
+def refuse_foreign_workdir(workdir: str, manifest: dict, first_input: str) -> None:
+    """GridError when ``workdir`` (not one of the inputs) already holds something other than this grid:
+    merging replaces its config directories and grid.json."""
+    if not os.path.isdir(workdir) or not os.listdir(workdir):
+        return
+    existing = grid_lib.read_json(os.path.join(workdir, "grid.json"))
+    if existing is None:
+        raise grid_lib.GridError(f"{workdir}: not empty and not a grid workdir (no grid.json); merge into a new "
+                                 f"directory or into a workdir of this grid")
+    diffs = [k for k in IDENTITY_KEYS if existing.get(k) != manifest.get(k)]
+    if diffs:
+        raise grid_lib.GridError(f"{workdir}/grid.json describes another grid than {first_input}/grid.json "
+                                 f"(differs in {', '.join(diffs)}): merging would replace its configs; choose "
+                                 f"another --workdir")
+
+
 def merge(inputs: list[str], workdir: Optional[str] = None, allow_partial: bool = False, copy: bool = True,
           plots: bool = True) -> dict:
     """Writes the merged tables into ``workdir`` (default: the first input); returns a summary dict."""
@@ -46,6 +62,8 @@ def merge(inputs: list[str], workdir: Optional[str] = None, allow_partial: bool 
             raise grid_lib.GridError(f"{path}/grid.json describes another grid than {inputs[0]}/grid.json "
                                      f"(differs in {', '.join(diffs)})")
     workdir = workdir or inputs[0]
+    if os.path.abspath(workdir) not in {os.path.abspath(p) for p in inputs}:
+        refuse_foreign_workdir(workdir, first, inputs[0])
     source = first["grid_source"]
     if source.endswith(".py") and not os.path.isfile(source):
         raise grid_lib.GridError(f"the grid file {source} recorded in grid.json is not here")

@@ -133,6 +133,20 @@ def test_shards_merge_into_the_unsharded_tables(plain_dir, tmp_path):
     md = (tmp_path / "merged" / "results.md").read_text()
     assert md.count("| ★ |") == 1 and "selects on the test set" in md
 
+    # A --workdir that holds another grid, or files of no grid, is refused before anything is replaced.
+    other = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "other"), {**PLAIN, "epochs": 1}, shard=(0, 2))
+    recorded = (tmp_path / "other" / "grid.json").read_text()
+    with pytest.raises(grid_lib.GridError, match=r"other/grid.json describes another grid than .*host0/grid.json "
+                                                 r"\(differs in base_overrides\): merging would replace its configs"):
+        grid_merge.merge([str(tmp_path / "host0"), str(tmp_path / "host1")], str(tmp_path / "other"))
+    assert (tmp_path / "other" / "grid.json").read_text() == recorded
+    assert sorted(os.listdir(tmp_path / "other" / "configs")) == sorted(other["configs"])
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine\n")
+    with pytest.raises(grid_lib.GridError, match=r"mine: not empty and not a grid workdir \(no grid.json\)"):
+        grid_merge.merge([str(tmp_path / "host0"), str(tmp_path / "host1")], str(tmp_path / "mine"))
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]
+
 
 def test_killed_group_resumes_and_finished_configs_are_skipped(plain_dir, tmp_path):
     g = grid_file(tmp_path, ALPHA_SEEDS)
