@@ -326,6 +326,7 @@ def write_outputs(workdir_root: str, payload: dict) -> None:
 def request_from_flags(values) -> dict:
     """The flags as a request for :func:`reproduce`, after checking them."""
     from data_prep.synthetic import PRESETS
+    from lgmrec_jax import configs
 
     datasets = [name.strip() for name in values.datasets.split(",") if name.strip()]
     unknown = [name for name in datasets if name not in PAPER_DATASETS]
@@ -340,6 +341,15 @@ def request_from_flags(values) -> dict:
     if not values.synthetic and not values.data_dir:
         raise ReproduceError("--data_dir is required: the directory holding baby/, sports/, clothing/ in MMRec "
                              "format (or pass --synthetic)")
+    if os.path.exists(values.workdir_root) and not os.path.isdir(values.workdir_root):
+        raise ReproduceError(f"--workdir_root={values.workdir_root}: a file, expected a directory (or a path to "
+                             f"create)")
+    overrides = parse_overrides(values.config_overrides)
+    for name in datasets:  # a value out of range stops every dataset before any trains
+        try:
+            configs.validate(config_for(name, values.variant, overrides))
+        except configs.ConfigError as err:
+            raise ReproduceError(f"--config_overrides: {name}: {str(err).removeprefix('config: ')}") from None
     return {
         "datasets": list(dict.fromkeys(datasets)),  # in the order given, once each
         "variant": values.variant,
@@ -347,7 +357,7 @@ def request_from_flags(values) -> dict:
         "workdir_root": values.workdir_root,
         "synthetic": values.synthetic,
         "synthetic_preset": values.synthetic_preset or None,
-        "config_overrides": parse_overrides(values.config_overrides),
+        "config_overrides": overrides,
         "restart": values.restart,
     }
 

@@ -132,9 +132,18 @@ def test_unevaluated_run_has_no_numbers():
     (["--datasets=baby"], "--data_dir is required"),
     (["--synthetic", "--config_overrides=epochs=x"], "epochs='x' is not a int"),
     (["--variant=new", "--synthetic"], "error: bad flag"),
+    (["--synthetic", "--config_overrides=epochs=-1"], "error: --config_overrides: baby: epochs must be >= 0"),
+    (["--synthetic", "--datasets=sports", "--config_overrides=alpha=nan"],
+     "error: --config_overrides: sports: alpha is nan, expected a finite number"),
+    (["--synthetic", "--config_overrides=matmul_precision=foo"],
+     "error: --config_overrides: baby: matmul_precision is 'foo', expected one of"),
+    (["--synthetic", "--workdir_root=FILE"], "error: --workdir_root=FILE: a file, expected a directory"),
 ])
 def test_cli_rejects_bad_requests_with_one_line(args, message, tmp_path):
-    proc = cli(*args, f"--workdir_root={tmp_path / 'r'}")
+    (tmp_path / "FILE").write_text("x")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    message = message.replace("FILE", str(tmp_path / "FILE"))
+    proc = cli(f"--workdir_root={tmp_path / 'r'}", *args)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], proc.stderr
