@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import errno
 import os
 import shutil
 import tempfile
@@ -264,8 +265,13 @@ def generate(preset: Preset, out_dir: str, name: str) -> str:
 
 def generate_named(name: str, data_dir: str) -> str:
     out_dir = os.path.join(os.path.abspath(data_dir), name)
+    if os.path.isfile(os.path.join(out_dir, f"{name}.inter")):
+        return out_dir  # generated before (generate() writes the whole directory at once)
     if os.path.isdir(out_dir):
-        return out_dir
+        if os.listdir(out_dir):
+            raise FileExistsError(errno.EEXIST, f"holds files but no {name}.inter: not a generated dataset, "
+                                                f"left as it is", out_dir)
+        os.rmdir(out_dir)  # an empty directory: generate() moves the dataset into its place
     logging.info("generating the built-in dataset %s into %s", name, out_dir)
     return generate(preset_for(name), out_dir, name)
 

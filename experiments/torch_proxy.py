@@ -1,7 +1,7 @@
 """A PyTorch cost proxy for the authors' code: the reference's way of running, timed on our machines.
 
     python -m experiments.torch_proxy --golden=../shared/golden/lgmrec_fixed.npz     # does it compute LGMRec?
-    python -m experiments.torch_proxy --dataset=synthetic_baby --epochs_to_time=2 --eval_repeats=3
+    python -m experiments.torch_proxy --datasets=synthetic_baby --epochs_to_time=2 --eval_repeats=3
 
 Issue #5 states the authors' CPU train epoch at Baby's shapes (about 45 s on this project's 2-core
 machine) but no CPU evaluation time, and its 5x evaluation goal needs one. The authors' code is not part

@@ -203,7 +203,7 @@ def dataset_dir(data_dir: str, name: str) -> str:
 def load_dataset(data_dir: str, name: str, generate_synthetic: bool = True) -> Dataset:
     """Loads ``<data_dir>/<name>``; ``synthetic*`` datasets are generated there on first use."""
     path = dataset_dir(data_dir, name)
-    if generate_synthetic and name.startswith("synthetic") and not os.path.isdir(path):
+    if generate_synthetic and name.startswith("synthetic") and not os.path.isfile(os.path.join(path, f"{name}.inter")):
         from data_prep import synthetic  # local import: data_prep depends on this module
 
         try:

@@ -153,3 +153,22 @@ def test_a_shifted_stream_falls_back_to_one_thread(monkeypatch):
     assert 21 * 40 in calls
     np.testing.assert_array_equal(threaded, one_thread)
     assert rng_3.bit_generator.state == rng_1.bit_generator.state
+
+
+def test_an_empty_dataset_directory_is_generated_into_and_a_foreign_one_left_alone(tmp_path):
+    (tmp_path / "synthetic_tiny").mkdir()
+    proc = cli("--preset=tiny", f"--data_dir={tmp_path}")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "synthetic_tiny" / "synthetic_tiny.inter").is_file()
+    (tmp_path / "other" / "synthetic_tiny").mkdir(parents=True)
+    (tmp_path / "other" / "synthetic_tiny" / "notes.txt").write_text("mine\n")
+    proc = cli("--preset=tiny", f"--data_dir={tmp_path / 'other'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: --data_dir={tmp_path / 'other'}: cannot generate the dataset in {tmp_path / 'other' / 'synthetic_tiny'} "
+        f"(holds files but no synthetic_tiny.inter: not a generated dataset, left as it is)")
+    assert os.listdir(tmp_path / "other" / "synthetic_tiny") == ["notes.txt"]
+    with pytest.raises(data.DatasetError, match="cannot generate the dataset there"):
+        data.load_dataset(str(tmp_path / "other"), "synthetic_tiny")
+    (tmp_path / "third" / "synthetic_tiny").mkdir(parents=True)
+    assert data.load_dataset(str(tmp_path / "third"), "synthetic_tiny").n_users == synthetic.PRESETS["tiny"].n_users
