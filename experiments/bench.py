@@ -69,6 +69,7 @@ from typing import NamedTuple, Optional
 from absl import app, flags, logging
 
 from experiments import trace_summary  # no jax either: plain JSON
+from lgmrec_jax import cli  # no jax either
 from lgmrec_jax.configs import default as default_config  # no jax: the config module is plain Python
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -945,10 +946,15 @@ def run_isolated(spec: dict) -> dict:
     try:
         proc = subprocess.run(worker_command(spec, result_path), cwd=REPO, env=WORKER_ENV or None)
         if proc.returncode != 0:
+            error = f"worker exited with {proc.returncode}"
+            try:
+                with open(result_path) as handle:
+                    error += f": {json.load(handle)['error']}"  # the worker's exception, where it got to write it
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
             return {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
                     "feature_dtype": spec.get("feature_dtype", "float32"),
-                    "eval_topk": spec["eval_topk"], "patches": list(spec.get("patches", ())),
-                    "error": f"worker exited with {proc.returncode}"}
+                    "eval_topk": spec["eval_topk"], "patches": list(spec.get("patches", ())), "error": error}
         with open(result_path) as handle:
             return json.load(handle)
     finally:
@@ -1010,8 +1016,7 @@ def run_benchmark(settings: Settings, argv: Optional[list] = None) -> dict:
     current = machine()
     report = None
     if settings.append and os.path.exists(paths(settings, current["backend"])[0]):
-        with open(paths(settings, current["backend"])[0]) as handle:
-            report = json.load(handle)
+        report = load_report(paths(settings, current["backend"])[0])
     if report is None:
         report = {"issue": 5, "machine": current, "runs": [], "results": [], "compile_cache": [],
                   "reference": {"cpu": REFERENCE_CPU, "gpu_h100": REFERENCE_GPU}}
@@ -1036,6 +1041,20 @@ def run_benchmark(settings: Settings, argv: Optional[list] = None) -> dict:
         report["compile_cache"].append(entry)
     run["finished"] = now()
     write_report(report, settings)
+    return report
+
+
+def load_report(path: str) -> dict:
+    """An earlier bench_<tag>.json for --append; BenchError (one line) if it is not one."""
+    try:
+        with open(path) as handle:
+            report = json.load(handle)
+    except ValueError as err:
+        raise BenchError(f"{path}: not valid JSON ({err}); --append adds to it: repair or move it") from None
+    if not isinstance(report, dict) or not all(isinstance(report.get(k), list) for k in ("runs", "results")):
+        raise BenchError(f"{path}: not a benchmark report (no runs and results lists); --append adds to it: "
+                         f"repair or move it")
+    report.setdefault("compile_cache", [])
     return report
 
 
@@ -1326,58 +1345,111 @@ def define_flags() -> None:
     flags.DEFINE_string("worker_out", "", "(internal) where the worker writes its JSON result.")
 
 
+class BenchError(ValueError):
+    """A benchmark that cannot start as asked; the message is one line."""
+
+
+def _numbers(flag: str, kind, positive: bool = True) -> tuple:
+    try:
+        values = tuple(kind(x) for x in FLAGS[flag].value)
+    except ValueError:
+        raise BenchError(f"--{flag}={','.join(FLAGS[flag].value)}: expected {kind.__name__} values") from None
+    if positive and any(not v > 0 for v in values):
+        raise BenchError(f"--{flag}={','.join(FLAGS[flag].value)}: expected positive values")
+    return values
+
+
 def settings_from_flags() -> Settings:
+    """The flags as Settings, after checking everything that can be checked before the first configuration."""
     dims = None
     if FLAGS.feature_dims:
-        parts = [int(x) for x in FLAGS.feature_dims.split(",")]
-        if len(parts) != 2 or min(parts) < 1:
-            raise app.UsageError(f"--feature_dims={FLAGS.feature_dims}: expected IMAGE,TEXT positive widths")
-        dims = tuple(parts)
+        try:
+            dims = tuple(int(x) for x in FLAGS.feature_dims.split(","))
+        except ValueError:
+            dims = ()
+        if len(dims) != 2 or min(dims) < 1:
+            raise BenchError(f"--feature_dims={FLAGS.feature_dims}: expected IMAGE,TEXT positive widths")
     patch_sets = [tuple(n for n in group.split(",") if n) for group in FLAGS.patch]
     for name in (n for group in patch_sets for n in group):
         if name not in PATCHES:
-            raise app.UsageError(f"--patch={name}: unknown; expected one of {sorted(PATCHES)}")
+            raise BenchError(f"--patch={name}: unknown; expected one of {sorted(PATCHES)}")
     from lgmrec_jax import configs
 
     for flag, allowed in (("kernel", configs.KERNELS), ("matmul_precision", configs.PRECISIONS),
-                          ("feature_dtype", configs.FEATURE_DTYPES), ("eval_topk", configs.EVAL_TOPK_METHODS)):
+                          ("feature_dtype", configs.FEATURE_DTYPES), ("eval_topk", configs.EVAL_TOPK_METHODS),
+                          ("presets", PRESET_NAMES), ("full_run_presets", PRESET_NAMES)):
         for value in FLAGS[flag].value:
             if value not in allowed:
-                raise app.UsageError(f"--{flag}={value}: unknown; expected one of {list(allowed)}")
+                raise BenchError(f"--{flag}={value}: unknown; expected one of {list(allowed)}")
     presets = tuple(FLAGS.presets)
     try:
         scaled = tuple(tuple(float(x) for x in pair.split(":")) for pair in FLAGS.scaled)
     except ValueError:
         scaled = ((),)
-    if any(len(pair) != 2 or min(pair) <= 0 for pair in scaled):
-        raise app.UsageError(f"--scaled={','.join(FLAGS.scaled)}: expected CATALOGUE:INTERACTIONS positive pairs")
+    if any(len(pair) != 2 or not min(pair) > 0 for pair in scaled):
+        raise BenchError(f"--scaled={','.join(FLAGS.scaled)}: expected CATALOGUE:INTERACTIONS positive pairs")
+    scales = _numbers("scales", float)
+    if FLAGS.eval_repeats < 0 or FLAGS.epochs_to_time < 1 or FLAGS.max_epochs < 0:
+        raise BenchError("--eval_repeats must be >= 0 (0 skips evaluation), --epochs_to_time >= 1 and "
+                         "--max_epochs >= 0")
+    problem = cli.out_dir_problem(FLAGS.out)
+    if problem:  # before the minutes of measuring
+        raise BenchError(f"--out={FLAGS.out}: {problem}")
     if (FLAGS.scales or scaled) and not FLAGS["presets"].present:
         presets = ()  # --scales / --scaled alone run only the scaled presets
-    return Settings(presets=presets, scales=tuple(float(s) for s in FLAGS.scales), scaled=scaled, feature_dims=dims,
-                    epochs_to_time=max(1, FLAGS.epochs_to_time), eval_repeats=FLAGS.eval_repeats,
+    return Settings(presets=presets, scales=scales, scaled=scaled, feature_dims=dims,
+                    epochs_to_time=FLAGS.epochs_to_time, eval_repeats=FLAGS.eval_repeats,
                     compile_only=FLAGS.compile_only, full_run=FLAGS.full_run, full_run_presets=tuple(FLAGS.full_run_presets), max_epochs=FLAGS.max_epochs, kernels=tuple(FLAGS.kernel),
                     precisions=tuple(FLAGS.matmul_precision), feature_dtypes=tuple(FLAGS.feature_dtype), eval_topks=tuple(FLAGS.eval_topk), patch_sets=tuple(patch_sets), baseline=FLAGS.baseline, profile=FLAGS.profile, profile_steps=FLAGS.profile_steps, trace=FLAGS.trace,
                     compile_cache=FLAGS.compile_cache, isolate=FLAGS.isolate, wait_idle_s=FLAGS.wait_idle_s, out=FLAGS.out, tag=FLAGS.tag, append=FLAGS.append,
                     data_dir=FLAGS.data_dir)
 
 
+def check_backend(settings: Settings) -> None:
+    """Each precision compiled once on this backend (TF32_TF32_F32_X3 is GPU-only), before any configuration."""
+    from lgmrec_jax import configs, parallel
+
+    for precision in settings.precisions:
+        try:
+            parallel.check_matmul_precision(precision)
+        except configs.ConfigError as err:
+            raise BenchError(str(err)) from None
+
+
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}; every input is a --flag")
     logging.set_verbosity(logging.INFO)
     if FLAGS.worker:
-        result = run_config(json.loads(FLAGS.worker))
+        try:
+            result = run_config(json.loads(FLAGS.worker))
+        except Exception as err:  # noqa: BLE001  recorded for the parent's report, then raised as ever
+            with open(FLAGS.worker_out, "w") as handle:
+                json.dump({"error": f"{type(err).__name__}: {err}"}, handle)
+            raise
         with open(FLAGS.worker_out, "w") as handle:
             json.dump(result, handle)
         return
-    settings = settings_from_flags()
-    if settings.isolate:
-        keep_coordinator_off_the_pool()
-    report = run_benchmark(settings, argv=["python -m experiments.bench"] + sys.argv[1:])
+    try:
+        settings = settings_from_flags()
+        check_backend(settings)
+        if settings.isolate:
+            keep_coordinator_off_the_pool()
+        report = run_benchmark(settings, argv=["python -m experiments.bench"] + sys.argv[1:])
+    except BenchError as err:
+        cli.fail(str(err))
     json_path, md_path = paths(settings, report["machine"]["backend"])
     print(f"wrote {json_path} and {md_path}")
+    index = len(report["runs"]) - 1
+    mine = [r for r in report["results"] if r.get("run") == index]
+    failed = [r for r in mine if r.get("error")]
+    for r in failed:
+        print(f"error: {r.get('dataset')} ({r.get('kernel')}, {r.get('matmul_precision')}): {r['error']}",
+              file=sys.stderr)
+    if mine and len(failed) == len(mine):
+        sys.exit(1)  # nothing was measured
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

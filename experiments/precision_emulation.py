@@ -46,6 +46,7 @@ from jax._src.lax import lax as lax_internal
 
 from experiments import bench
 from lgmrec_jax import parity
+from lgmrec_jax import cli
 from lgmrec_jax.cli import parse_flags, setup_logging
 
 Preset = lax.DotAlgorithmPreset
@@ -229,18 +230,6 @@ flags.DEFINE_string("out", os.path.join("experiments", "results"), "Folder of th
 flags.DEFINE_string("tag", "cpu", "File tag: precision_emulation_<tag>.{json,md}.")
 
 
-def out_dir_problem(out: str) -> Optional[str]:
-    """Why ``out`` cannot receive the results, checked before the minutes of replays; None if it can."""
-    path = os.path.abspath(out)
-    while not os.path.exists(path):  # the nearest existing ancestor must be a writable directory
-        path = os.path.dirname(path)
-    if not os.path.isdir(path):
-        return f"{path} is a file, expected a directory (or a path to create)"
-    if not os.access(path, os.W_OK | os.X_OK):
-        return f"{path} is not writable"
-    return None
-
-
 def write_results(out: str, tag: str, report: dict) -> str:
     """Writes ``<out>/precision_emulation_<tag>.{json,md}``: both temporary files first, then both
     renamed, so a failed write (a full disk) leaves the previous pair and no temporary file; returns
@@ -278,7 +267,7 @@ def main(argv):
         print(f"error: {FLAGS.golden_dir}: no {', '.join(missing)}.npz (the goldens live in ../shared/golden)",
               file=sys.stderr)
         return 2
-    problem = out_dir_problem(FLAGS.out)
+    problem = cli.out_dir_problem(FLAGS.out)
     if problem:
         print(f"error: --out={FLAGS.out}: {problem}", file=sys.stderr)
         return 2

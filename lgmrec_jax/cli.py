@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging as py_logging
+import os
 import sys
+from typing import Optional
 
 from absl import flags, logging
 
@@ -20,6 +22,19 @@ def parse_flags(argv: list[str]) -> list[str]:
         return flags.FLAGS(argv)
     except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as err:
         fail(f"bad flag: {err}")
+
+
+def out_dir_problem(out: str) -> Optional[str]:
+    """Why directory ``out`` cannot receive results, checked before the work that makes them; None if
+    it can (the nearest existing ancestor must be a writable directory)."""
+    path = os.path.abspath(out)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        return f"{path} is a file, expected a directory (or a path to create)"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"{path} is not writable"
+    return None
 
 
 class QuietLibraries(py_logging.Filter):

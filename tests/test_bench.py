@@ -4,9 +4,13 @@ No timing thresholds: only that the documented fields exist and hold positive nu
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
+from conftest import REPO
 from experiments import bench
 
 
@@ -179,3 +183,46 @@ def test_evaluation_patches_restore_the_previous_behaviour_and_undo():
     assert "cond[" in str(jax.make_jaxpr(lambda s: evaluation.grouped_top_k(s, 50))(x))
     calls.clear()
     assert next(evaluation.map_splits(record, 3, concurrent=False)) == 0 and calls == [0, 1, 2]
+
+
+def bench_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "experiments.bench", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--presets=nope"], "--presets=nope: unknown; expected one of ['tiny', 'default', 'baby', 'sports', 'clothing']"),
+    (["--scales=abc"], "--scales=abc: expected float values"),
+    (["--scales=0"], "--scales=0: expected positive values"),
+    (["--feature_dims=a,b", "--scales=1"], "--feature_dims=a,b: expected IMAGE,TEXT positive widths"),
+    (["--kernel=foo"], "--kernel=foo: unknown; expected one of ['segment_sum', 'bcoo', 'ell']"),
+    (["--epochs_to_time=abc"], "bad flag: flag --epochs_to_time=abc: invalid literal for int()"),
+    (["--eval_repeats=-1"], "--eval_repeats must be >= 0 (0 skips evaluation)"),
+    (["--out=OUT/afile"], "--out=OUT/afile: OUT/afile is a file, expected a directory (or a path to create)"),
+    (["--out=OUT", "--append"], "OUT/bench_cpu.json: not valid JSON (Expecting value: line 2 column 1 (char 11)); "
+                                "--append adds to it: repair or move it"),
+    (["--matmul_precision=TF32_TF32_F32_X3"], "matmul_precision 'TF32_TF32_F32_X3' does not run on this backend (cpu)"),
+])
+def test_cli_refuses_what_it_cannot_measure_before_measuring(tmp_path, args, message):
+    """One line, exit 2, before the first configuration: nothing generated, nothing written."""
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "bench_cpu.json").write_text('{"runs": [\n')
+    args = [a.replace("OUT", str(tmp_path)) for a in args]
+    proc = bench_cli("--presets=tiny", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", *args)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert last.startswith("error: " + message.replace("OUT", str(tmp_path))), last
+    assert sorted(os.listdir(tmp_path)) == ["afile", "bench_cpu.json"]
+    assert (tmp_path / "bench_cpu.json").read_text() == '{"runs": [\n'
+
+
+def test_a_run_whose_every_configuration_failed_says_why_and_exits_1(tmp_path):
+    (tmp_path / "data" / "synthetic_tiny").mkdir(parents=True)
+    (tmp_path / "data" / "synthetic_tiny" / "synthetic_tiny.inter").write_text("userID\titemID\tx_label\n0\tx\t0\n")
+    proc = bench_cli("--presets=tiny", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}")
+    assert proc.returncode == 1
+    cause = (f"DatasetError: {tmp_path}/data/synthetic_tiny/synthetic_tiny.inter:2: itemID is 'x', expected a "
+             f"non-negative integer")
+    assert proc.stderr.strip().splitlines()[-1] == f"error: synthetic_tiny (segment_sum, highest): worker exited with 1: {cause}"
+    (result,) = json.loads((tmp_path / "out" / "bench_cpu.json").read_text())["results"]
+    assert result["error"] == f"worker exited with 1: {cause}"
