@@ -49,7 +49,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
-from lgmrec_jax import train as _train  # noqa: E402
+from lgmrec_jax import cli, train as _train  # noqa: E402
 
 FLAGS = flags.FLAGS
 _train.define_run_flags()  # --dataset, --data_dir, --workdir, as lgmrec_jax.train
@@ -219,7 +219,13 @@ def machine() -> dict:
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": sys.version.split()[0], "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "numpy": np.__version__,
-            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
+            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()}
+
+
+def machine_line(m: dict) -> str:
+    return (f"Machine: {m['cpu']}, {m['affinity'] or m['cpu_count']} cores usable, devices {m['device_kind']} "
+            f"x{len(m['devices'])}; jax {m['jax']}, flax {m['flax']}, optax {m['optax']}; commit {m['git']}.")
 
 
 def timing_markdown(result: dict) -> list[str]:
@@ -266,6 +272,7 @@ def seed_check_markdown(check: dict) -> list[str]:
              f"({check['dataset']}, {check['epochs']} epochs)", "",
              f"Command: `{check['command']}`; load average when it started: "
              f"{', '.join(f'{x:.1f}' for x in check['load']['loadavg_at_start'])}.",
+             *([machine_line(check["machine"])] if "machine" in check else []),
              f"Program groups: {check['groups']} (one program for the 8 seeds). Wall time: grid "
              f"{check['grid_wall_s']:.0f} s, the 8 single runs {check['singles_wall_s']:.0f} s.",
              f"Every seed's summary.json (best epoch, best valid and test metrics, epochs, status) equal to its "
@@ -285,9 +292,8 @@ def seed_check_markdown(check: dict) -> list[str]:
 def markdown(result: dict) -> str:
     m = result["machine"]
     lines = [f"# Grid engine measurements ({m['backend']})", "",
-             f"Machine: {m['cpu']}, {m['affinity'] or m['cpu_count']} cores usable, devices {m['device_kind']} "
-             f"x{len(m['devices'])}; jax {m['jax']}, flax {m['flax']}, optax {m['optax']}; commit {m['git']}. "
-             "Other processes shared the machine; the load average at each start is given.", ""]
+             f"{machine_line(m)} Other processes shared the machine; the load average at each start is given.",
+             "(A section measured by another invocation names its own machine and commit.)", ""]
     if "single" in result:
         lines += timing_markdown(result) + [""]
     for batching in ("map", "vmap", "vmap_columns"):
@@ -297,20 +303,69 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv):
-    del argv
-    from lgmrec_jax import configs
-    from lgmrec_jax.data import load_dataset, statistics as ds_statistics
+def check_flags() -> None:
+    """Every flag that can be checked before the minutes of measuring (cli.fail: one line, exit 2)."""
+    from lgmrec_jax import multi
 
+    try:
+        sizes, counts = [int(k) for k in FLAGS.sizes], [int(d) for d in FLAGS.device_counts]
+    except ValueError:
+        cli.fail(f"--sizes={','.join(FLAGS.sizes)} and --device_counts={','.join(FLAGS.device_counts)}: expected "
+                 f"integers")
+    if min(sizes + counts, default=1) < 1 or FLAGS.epochs < 1 or FLAGS.seed_check_epochs < 1 \
+            or FLAGS.device_configs < 1 or FLAGS.nominal_epochs < 1:
+        cli.fail("--sizes, --device_counts, --epochs, --seed_check_epochs, --device_configs and --nominal_epochs "
+                 "must be >= 1")
+    for flag in ("batchings", "device_batching", "seed_check_batching"):
+        values = FLAGS[flag].value if isinstance(FLAGS[flag].value, list) else [FLAGS[flag].value]
+        unknown = [b for b in values if b not in multi.BATCHINGS]
+        if unknown:
+            cli.fail(f"--{flag}={unknown[0]}: unknown; expected one of {list(multi.BATCHINGS)}")
+    problem = cli.out_dir_problem(FLAGS.out)
+    if problem:
+        cli.fail(f"--out={FLAGS.out}: {problem}")
+
+
+def read_result(json_path: str) -> dict:
+    """The sections measured before (each invocation adds or replaces its own); one line if unreadable."""
+    if not os.path.exists(json_path):
+        return {}
+    try:
+        with open(json_path) as handle:
+            result = json.load(handle)
+    except ValueError as err:
+        cli.fail(f"{json_path}: not valid JSON ({err}); this command adds to it: repair or move it")
+    if not isinstance(result, dict):
+        cli.fail(f"{json_path}: not a JSON object; this command adds to it: repair or move it")
+    return result
+
+
+def write_result(result: dict, json_path: str, md_path: str) -> None:
+    from lgmrec_jax.run import write_json_atomic
+
+    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
+    write_json_atomic(json_path, result)  # a killed write leaves the earlier sections whole
+    with open(md_path + ".tmp", "w") as handle:
+        handle.write(markdown(result))
+    os.replace(md_path + ".tmp", md_path)
+
+
+def main(argv):
+    from lgmrec_jax import configs
+    from lgmrec_jax.data import DatasetError, load_dataset, statistics as ds_statistics
+
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; every input is a --flag")
+    check_flags()
     logging.set_verbosity(logging.INFO)
     tag = FLAGS.tag or jax.default_backend()
     json_path = os.path.join(FLAGS.out, f"bench_grid_{tag}.json")
-    result = {}
-    if os.path.exists(json_path):
-        with open(json_path) as handle:
-            result = json.load(handle)
-    result["machine"] = machine()
+    result = read_result(json_path)
     command = "python -m experiments.bench_grid " + " ".join(sys.argv[1:])
+    try:
+        ds = load_dataset(FLAGS.data_dir, FLAGS.dataset)
+    except DatasetError as err:
+        cli.fail(str(err))
     load = wait_idle(FLAGS.wait_idle_s)
     if FLAGS.seed_check:
         import tempfile
@@ -320,9 +375,11 @@ def main(argv):
         grid_lib.setup_compilation_cache("")  # no cache: the wall times include compiling
         workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="seed_check_")  # --workdir: lgmrec_jax.train's flag
         check = seed_check(FLAGS.dataset, FLAGS.data_dir, FLAGS.seed_check_epochs, workdir, FLAGS.seed_check_batching)
-        result[f"seed_check_{FLAGS.seed_check_batching}"] = {**check, "command": command, "load": load}
+        result.setdefault("machine", machine())
+        result[f"seed_check_{FLAGS.seed_check_batching}"] = {**check, "command": command, "load": load,
+                                                             "machine": machine()}
     else:
-        ds = load_dataset(FLAGS.data_dir, FLAGS.dataset)
+        result["machine"] = machine()  # the timing section's
         base = configs.for_dataset(FLAGS.dataset)
         base.num_devices = 1  # the single-run baseline on one device, as each config of a group
         stats = ds_statistics(ds)
@@ -349,13 +406,9 @@ def main(argv):
                 result["devices"].append(bench_group(base, ds, FLAGS.device_configs, d, FLAGS.epochs,
                                                      evaluate=False, batching=FLAGS.device_batching))
                 logging.info("%s", result["devices"][-1])
-    os.makedirs(FLAGS.out, exist_ok=True)
-    with open(json_path, "w") as handle:
-        json.dump(result, handle, indent=2, sort_keys=True)
-    with open(os.path.join(FLAGS.out, f"bench_grid_{tag}.md"), "w") as handle:
-        handle.write(markdown(result))
+    write_result(result, json_path, os.path.join(FLAGS.out, f"bench_grid_{tag}.md"))
     print(markdown(result))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)
