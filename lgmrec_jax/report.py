@@ -288,8 +288,13 @@ def plot_message(run: RunRecord, result: Result, plot: bool) -> str:
 def report(workdir: str, plot: bool = True) -> str:
     """The full text the command prints; writes curves.png as a side effect when ``plot``."""
     run = load_run(workdir)
-    result = result_of(run)
-    return f"{format_report(run, result)}\n\n{plot_message(run, result, plot)}"
+    try:
+        result = result_of(run)
+        return f"{format_report(run, result)}\n\n{plot_message(run, result, plot)}"
+    except (KeyError, TypeError, AttributeError, ValueError) as err:  # valid JSON, not the fields a run writes
+        raise ReportError(f"{run.path}: metrics.jsonl, summary.json or config.json lacks a field a run writes, or "
+                          f"has one of another type ({type(err).__name__}: {err}); was it written by "
+                          f"lgmrec_jax?") from None
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -194,7 +194,8 @@ def test_truncated_line_in_the_middle_is_an_error(finished_run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_workdir", "no_metrics", "corrupt_line", "corrupt_summary",
-                                  "no_argument", "bad_flag"])
+                                  "no_argument", "bad_flag", "row_without_loss", "null_valid", "summary_types",
+                                  "identity_not_an_object"])
 def test_cli_errors_are_one_line_exit_2(case, finished_run, tmp_path):
     workdir = str(tmp_path / "run")
     args = [workdir]
@@ -213,6 +214,26 @@ def test_cli_errors_are_one_line_exit_2(case, finished_run, tmp_path):
         with open(os.path.join(workdir, "summary.json"), "w") as handle:
             handle.write("{")
         expected = "summary.json: not valid JSON"
+    elif case in ("row_without_loss", "null_valid", "summary_types", "identity_not_an_object"):
+        copy_run(finished_run, workdir)  # valid JSON, not what a run writes
+        rows = read_rows(finished_run)
+        if case == "row_without_loss":
+            rows[1] = {"epoch": 1}
+        elif case == "null_valid":
+            rows[-1]["valid"] = None
+        if case in ("row_without_loss", "null_valid"):
+            with open(os.path.join(workdir, "metrics.jsonl"), "w") as handle:
+                handle.writelines(json.dumps(r) + "\n" for r in rows)
+            os.remove(os.path.join(workdir, "summary.json"))
+        elif case == "summary_types":
+            summary = read_json(os.path.join(workdir, "summary.json"))
+            summary["epochs_run"] = str(summary["epochs_run"])
+            with open(os.path.join(workdir, "summary.json"), "w") as handle:
+                json.dump(summary, handle)
+        else:
+            with open(os.path.join(workdir, "config.json"), "w") as handle:
+                json.dump({"identity": 5}, handle)
+        expected = f"error: {workdir}: metrics.jsonl, summary.json or config.json lacks a field a run writes"
     elif case == "no_argument":
         args, expected = [], "error: expected one WORKDIR argument, got 0"
     else:
