@@ -294,16 +294,29 @@ def markdown(summary: dict, title: str = "Device time by operation") -> str:
     return "\n".join(lines) + "\n"
 
 
+USAGE = "usage: python -m experiments.trace_summary TRACE_DIR_OR_FILE"
+
+
 def main(argv: list[str]) -> int:
+    """0 with the table on stdout; 2 with one line on stderr for a bad argument or an unreadable trace."""
+    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+        print(__doc__ + "\n" + USAGE)
+        return 0
     if len(argv) != 2:
-        print("usage: python -m experiments.trace_summary TRACE_DIR_OR_FILE", file=sys.stderr)
+        print(f"error: expected one TRACE_DIR_OR_FILE argument, got {len(argv) - 1}; {USAGE}", file=sys.stderr)
         return 2
     try:
         path = newest_trace(argv[1])
+        events = load_events(path)
+        if not isinstance(events, list):
+            raise ValueError("no list of trace events")
+        summary = summarize(events)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 1
-    summary = summarize(load_events(path))
+        return 2
+    except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError) as err:  # gzip, JSON, shape
+        print(f"error: {path}: not a readable Chrome/perfetto trace ({type(err).__name__}: {err})", file=sys.stderr)
+        return 2
     print(markdown(summary, title=path))
     return 0
 

@@ -68,8 +68,28 @@ def test_real_cpu_trace_of_a_scan(tmp_path):
 
 
 def test_missing_trace_is_a_clear_error(tmp_path, capsys):
-    assert ts.main(["trace_summary", str(tmp_path)]) == 1
+    assert ts.main(["trace_summary", str(tmp_path)]) == 2
     assert "no perfetto_trace.json.gz" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("perfetto_trace.json.gz", b"\x1f\x8b\x08\x00cut", "EOFError"),
+    ("perfetto_trace.json.gz", b"not gzip at all", "BadGzipFile"),
+    ("trace.json", b'{"traceEvents": [', "JSONDecodeError"),
+    ("trace.json", b'{"traceEvents": 5}', "ValueError: no list of trace events"),
+])
+def test_an_unreadable_trace_is_one_line_exit_2(tmp_path, capsys, name, content, reason):
+    (tmp_path / name).write_bytes(content)
+    assert ts.main(["trace_summary", str(tmp_path / name)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {tmp_path / name}: not a readable Chrome/perfetto trace "
+                                               f"({reason}"), err
+
+
+def test_help_and_argument_count(capsys):
+    assert ts.main(["trace_summary", "--help"]) == 0 and "usage:" in capsys.readouterr().out
+    assert ts.main(["trace_summary"]) == 2
+    assert capsys.readouterr().err.startswith("error: expected one TRACE_DIR_OR_FILE argument, got 0")
 
 
 def test_touching_and_zero_length_events_hold_nothing():
