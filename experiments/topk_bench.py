@@ -21,6 +21,7 @@ import numpy as np
 from absl import app, flags
 
 from experiments import bench
+from lgmrec_jax import cli
 from lgmrec_jax.run import write_json_atomic
 
 METHODS = ("scores", "direct", "grouped", "grouped_pruned")
@@ -37,7 +38,10 @@ def define_flags() -> None:
     flags.DEFINE_string("tag", "", "Result file suffix: topk_<tag>.json/md (default: the backend).")
 
 
-def selection(method: str, k: int = 50):
+K = 50  # the evaluation's top-k (evaluation.TOP_K)
+
+
+def selection(method: str, k: int = K):
     """fn(chunk scores) -> what the method keeps of them."""
     import jax
 
@@ -49,7 +53,7 @@ def selection(method: str, k: int = 50):
         return lambda s: jax.lax.top_k(s, k)[1]
     if method in ("grouped", "grouped_pruned"):
         return lambda s: evaluation.grouped_top_k(s, k, prune=method == "grouped_pruned")
-    raise app.UsageError(f"--methods: {method!r} is not one of {METHODS}")
+    cli.fail(f"--methods: {method!r} is not one of {list(METHODS)}")
 
 
 def chunked(fn, chunk: int):
@@ -109,15 +113,24 @@ def markdown(report: dict) -> str:
 
 def main(argv) -> int:
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+        cli.fail(f"unexpected arguments {argv[1:]}; every input is a --flag")
     for method in FLAGS.methods:
         selection(method)  # an unknown method stops here, before any timing
+    try:
+        widths = [int(n) for n in FLAGS.items]
+    except ValueError:
+        cli.fail(f"--items={','.join(FLAGS.items)}: expected integer catalogue widths")
+    if min(widths, default=0) < K or FLAGS.rows < 1 or FLAGS.chunk < 1 or FLAGS.repeats < 1:
+        cli.fail(f"--items must be at least k={K} wide, --rows, --chunk and --repeats at least 1")
+    problem = cli.out_dir_problem(FLAGS.out)
+    if problem:
+        cli.fail(f"--out={FLAGS.out}: {problem}")
     import jax
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     results = []
-    for n in FLAGS.items:
-        results += measure(int(n), FLAGS.rows, FLAGS.chunk, FLAGS.methods, FLAGS.repeats)
+    for n in widths:
+        results += measure(n, FLAGS.rows, FLAGS.chunk, FLAGS.methods, FLAGS.repeats)
     report = {"command": "python -m experiments.topk_bench " + " ".join(sys.argv[1:]), "started": started,
               "machine": bench.machine(), "results": results}
     stem = os.path.join(FLAGS.out, f"topk_{FLAGS.tag or jax.default_backend()}")
@@ -131,4 +144,4 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -39,6 +39,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags
 
+from lgmrec_jax import cli
 from lgmrec_jax import data as data_lib
 from lgmrec_jax import metrics as metrics_lib
 from lgmrec_jax import parity
@@ -452,7 +453,13 @@ def define_flags() -> None:
 
 
 def main(argv):
-    del argv
+    if len(argv) > 1:
+        cli.fail(f"unexpected arguments {argv[1:]}; every input is a --flag")
+    if FLAGS.epochs_to_time < 1 or FLAGS.eval_repeats < 1:
+        cli.fail("--epochs_to_time and --eval_repeats must be at least 1 (the medians of the timed calls)")
+    problem = cli.out_dir_problem(FLAGS.out)
+    if problem:  # before the minutes of timing
+        cli.fail(f"--out={FLAGS.out}: {problem}")
     try:
         if FLAGS.golden:
             rows = replay_golden(FLAGS.golden)
@@ -468,8 +475,7 @@ def main(argv):
             results.append(time_dataset(ds, name, FLAGS.device, FLAGS.epochs_to_time, FLAGS.eval_repeats,
                                         progress=lambda s: print(s, file=sys.stderr, flush=True)))
     except data_lib.DatasetError as err:
-        print(f"torch_proxy: {err}", file=sys.stderr)
-        return 2
+        cli.fail(str(err))
     report = {"device": FLAGS.device, "command": "python -m experiments.torch_proxy " + " ".join(sys.argv[1:]),
               "started": started,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -487,4 +493,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -276,17 +276,17 @@ flags.DEFINE_enum("matmul_precision", "highest", list(PRECISIONS),
 
 def main(argv):
     if len(argv) > 1:
-        print(f"parity: unexpected arguments {argv[1:]!r}; the golden is given as --golden=PATH", file=sys.stderr)
+        print(f"error: unexpected arguments {argv[1:]!r}; the golden is given as --golden=PATH", file=sys.stderr)
         return 2
     setup_logging()  # keeps JAX's backend-probe INFO line ("Unable to initialize backend 'tpu'") out
     if not FLAGS.golden:
-        print("parity: --golden PATH is required", file=sys.stderr)
+        print("error: --golden PATH is required", file=sys.stderr)
         return 2
     try:
         check_matmul_precision(FLAGS.matmul_precision)
         ok, table = run(FLAGS.golden, FLAGS.kernel, FLAGS.matmul_precision)
     except (data_lib.DatasetError, ConfigError) as err:
-        print(f"parity: {err}", file=sys.stderr)
+        print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"# {FLAGS.golden}: kernel {FLAGS.kernel}, matmul precision {FLAGS.matmul_precision}")
     print(table)

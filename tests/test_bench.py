@@ -226,3 +226,20 @@ def test_a_run_whose_every_configuration_failed_says_why_and_exits_1(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == f"error: synthetic_tiny (segment_sum, highest): worker exited with 1: {cause}"
     (result,) = json.loads((tmp_path / "out" / "bench_cpu.json").read_text())["results"]
     assert result["error"] == f"worker exited with 1: {cause}"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--items=abc"], "error: --items=abc: expected integer catalogue widths"),
+    (["--items=20"], "error: --items must be at least k=50 wide, --rows, --chunk and --repeats at least 1"),
+    (["--rows=0"], "error: --items must be at least k=50 wide, --rows, --chunk and --repeats at least 1"),
+    (["--methods=foo"], "error: --methods: 'foo' is not one of ['scores', 'direct', 'grouped', 'grouped_pruned']"),
+    (["--out=FILE"], "error: --out=FILE: FILE is a file, expected a directory (or a path to create)"),
+])
+def test_topk_bench_refuses_bad_flags_in_one_line(tmp_path, args, message):
+    (tmp_path / "FILE").write_text("x")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "experiments.topk_bench", f"--out={tmp_path / 'out'}", *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == message.replace("FILE", str(tmp_path / "FILE"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]

@@ -35,7 +35,7 @@ def test_cli_refuses_a_precision_the_backend_cannot_run(tmp_path):
                           timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert proc.returncode == 2 and not proc.stdout and "Traceback" not in proc.stderr
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("parity: matmul_precision 'TF32_TF32_F32_X3' does not run on this backend (cpu): ")
+    assert last.startswith("error: matmul_precision 'TF32_TF32_F32_X3' does not run on this backend (cpu): ")
 
 
 def cli(*args, env=None):
@@ -98,7 +98,7 @@ def test_broken_golden_is_one_error_naming_the_file(tmp_path, breakage):
 @pytest.mark.parametrize("breakage", ["truncated", "missing_key", "param_shape"])
 def test_cli_broken_golden_exits_2_with_one_line(tmp_path, breakage):
     path = broken_golden(tmp_path, breakage)
-    assert_one_line_error(cli(f"--golden={path}"), f"parity: {path}: ", BROKEN[breakage])
+    assert_one_line_error(cli(f"--golden={path}"), f"error: {path}: ", BROKEN[breakage])
 
 
 def test_cli_bad_flag_exits_2_with_one_line():

@@ -61,5 +61,23 @@ def test_unknown_dataset_is_one_line(tmp_path):
                            f"--data_dir={tmp_path}", f"--out={tmp_path}"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.startswith("torch_proxy: ") and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("torch_proxy_*"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs_to_time=0"], "error: --epochs_to_time and --eval_repeats must be at least 1 (the medians of the timed calls)"),
+    (["--eval_repeats=0"], "error: --epochs_to_time and --eval_repeats must be at least 1 (the medians of the timed calls)"),
+    (["--out=FILE"], "error: --out=FILE: FILE is a file, expected a directory (or a path to create)"),
+    (["extra"], "error: unexpected arguments ['extra']; every input is a --flag"),
+    (["--bogus"], "error: bad flag: Unknown command line flag 'bogus'"),
+])
+def test_bad_flags_are_one_line_before_any_timing(tmp_path, args, message):
+    (tmp_path / "FILE").write_text("x")
+    args = [a.replace("FILE", str(tmp_path / "FILE")) for a in args]
+    proc = subprocess.run([sys.executable, "-m", "experiments.torch_proxy", "--datasets=synthetic_tiny",
+                           f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path / 'out'}", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == message.replace("FILE", str(tmp_path / "FILE"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
