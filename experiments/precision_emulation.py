@@ -259,6 +259,9 @@ def main(argv):
         return 2
     setup_logging()  # progress lines at INFO, without JAX's "Unable to initialize backend 'tpu'" line
     unknown = [p for p in FLAGS.precisions if p not in REPLAYED]
+    if not FLAGS.precisions:
+        print(f"error: --precisions is empty; name some of {list(REPLAYED)}", file=sys.stderr)
+        return 2
     if unknown:
         print(f"error: --precisions: {unknown} not among {list(REPLAYED)}", file=sys.stderr)
         return 2

@@ -312,7 +312,15 @@ def write_text_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+def every_dataset_failed(payload: dict) -> bool:
+    return all(entry["error"] for entry in payload["datasets"].values())
+
+
 def write_outputs(workdir_root: str, payload: dict) -> None:
+    """reproduction.{json,md} of this invocation, except that one in which every dataset failed (a wrong
+    --data_dir) leaves an earlier pair in place: it would hold nothing but errors."""
+    if every_dataset_failed(payload) and os.path.exists(os.path.join(workdir_root, "reproduction.json")):
+        return
     os.makedirs(workdir_root, exist_ok=True)
     write_text_atomic(os.path.join(workdir_root, "reproduction.json"),
                       json.dumps(payload, indent=2, sort_keys=True) + "\n")
@@ -371,12 +379,16 @@ def main(argv: list[str]) -> None:
         distributed.initialize_from_flags()
     except (ReproduceError, distributed.DistributedError) as err:
         fail(str(err))
+    root = request["workdir_root"]
+    kept = os.path.exists(os.path.join(root, "reproduction.json"))
     payload = reproduce(request)
     if not distributed.is_primary():
         return
-    root = request["workdir_root"]
     print(format_markdown(payload))
-    print(f"wrote {os.path.join(root, 'reproduction.md')} and {os.path.join(root, 'reproduction.json')}")
+    if kept and every_dataset_failed(payload):
+        print(f"every dataset failed: kept the earlier {os.path.join(root, 'reproduction.md')} and .json")
+    else:
+        print(f"wrote {os.path.join(root, 'reproduction.md')} and {os.path.join(root, 'reproduction.json')}")
     failed = [entry for entry in payload["datasets"].values() if entry["error"]]
     for entry in failed:
         print(f"error: {entry['dataset']}: {entry['error']}", file=sys.stderr)

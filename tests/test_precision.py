@@ -189,7 +189,8 @@ def test_cli_logs_one_line_per_replay(tmp_path):
     assert proc.stdout.startswith("# Matmul precisions against the goldens, emulated on a CPU")
 
 
-@pytest.mark.parametrize("case", ["out_is_a_file", "out_under_a_file", "bad_flag", "truncated_golden"])
+@pytest.mark.parametrize("case", ["out_is_a_file", "out_under_a_file", "bad_flag", "truncated_golden",
+                                  "no_precisions"])
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
     (tmp_path / "file").write_text("")
     golden_dir, out = tmp_path / "golden", tmp_path / "out"
@@ -206,6 +207,9 @@ def test_cli_bad_input_is_one_line_exit_2(tmp_path, case):
     elif case == "bad_flag":
         args.append("--no_such_flag")
         expected = "error: bad flag: Unknown command line flag 'no_such_flag'"
+    elif case == "no_precisions":
+        args.append("--precisions=")
+        expected = "error: --precisions is empty; name some of ['highest', "
     else:
         expected = f"error: {golden_dir / 'lgmrec_fixed.npz'}: cannot read golden file ("
     proc = emulation_cli(*args)

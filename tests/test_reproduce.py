@@ -160,6 +160,18 @@ def test_cli_reports_a_missing_dataset_and_exits_1(tmp_path):
     assert "**error**" in (root / "reproduction.md").read_text()
 
 
+def test_an_invocation_in_which_every_dataset_fails_keeps_the_earlier_report(tmp_path):
+    root = tmp_path / "r"
+    root.mkdir()
+    (root / "reproduction.json").write_text('{"earlier": true}\n')
+    (root / "reproduction.md").write_text("earlier\n")
+    proc = cli(f"--data_dir={tmp_path / 'wrong'}", "--datasets=baby,sports", f"--workdir_root={root}")
+    assert proc.returncode == 1 and "error: sports: " in proc.stderr
+    assert f"every dataset failed: kept the earlier {root / 'reproduction.md'} and .json" in proc.stdout
+    assert (root / "reproduction.json").read_text() == '{"earlier": true}\n'
+    assert (root / "reproduction.md").read_text() == "earlier\n"
+
+
 def test_importing_reproduce_defines_no_global_flags():
     from absl import flags
 
