@@ -9,7 +9,8 @@ The same command runs on any backend. Every benchmark configuration (dataset x k
 precision x patch set) runs in its own child process (``--isolate``, the default), so peak memory
 and compile times are per configuration. Results go to ``<out>/bench_<tag>.json`` and
 ``<out>/bench_<tag>.md`` (tag = the backend, e.g. ``cpu`` or ``gpu``, unless ``--tag`` is given),
-with the machine, versions and the command stated.
+with the machine, versions and the command stated; ``--append`` adds to an existing report (the
+committed ones hold every session's runs), which is otherwise refused, never replaced.
 
 Datasets. ``--presets`` names the built-in synthetic presets (tiny, default, baby, sports,
 clothing: the real datasets' user/item/interaction counts and 4096/384-d features). ``--scales``
@@ -1015,8 +1016,12 @@ def run_benchmark(settings: Settings, argv: Optional[list] = None) -> dict:
     now = lambda: datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     current = machine()
     report = None
-    if settings.append and os.path.exists(paths(settings, current["backend"])[0]):
-        report = load_report(paths(settings, current["backend"])[0])
+    json_path = paths(settings, current["backend"])[0]
+    if settings.append and os.path.exists(json_path):
+        report = load_report(json_path)
+    elif os.path.exists(json_path):  # a report holds every earlier command's runs: never replaced silently
+        raise BenchError(f"{json_path} exists: --append adds this command's results to it; for a new report "
+                         f"pass another --tag or --out, or move it away")
     if report is None:
         report = {"issue": 5, "machine": current, "runs": [], "results": [], "compile_cache": [],
                   "reference": {"cpu": REFERENCE_CPU, "gpu_h100": REFERENCE_GPU}}
@@ -1339,7 +1344,8 @@ def define_flags() -> None:
     flags.DEFINE_bool("isolate", True, "Run each configuration in its own process (per-configuration memory).")
     flags.DEFINE_string("out", os.path.join(REPO, "experiments", "results"), "Results directory.")
     flags.DEFINE_string("tag", "", "Result file suffix: bench_<tag>.json/md (default: the backend).")
-    flags.DEFINE_bool("append", False, "Add the results to the existing bench_<tag>.json instead of replacing it.")
+    flags.DEFINE_bool("append", False, "Add the results to the existing bench_<tag>.json (without it, an "
+                      "existing one is refused, never replaced).")
     flags.DEFINE_string("data_dir", "./data", "Directory of the (generated) datasets.")
     flags.DEFINE_string("worker", "", "(internal) JSON spec of one configuration to run in this process.")
     flags.DEFINE_string("worker_out", "", "(internal) where the worker writes its JSON result.")

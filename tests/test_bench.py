@@ -243,3 +243,14 @@ def test_topk_bench_refuses_bad_flags_in_one_line(tmp_path, args, message):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == message.replace("FILE", str(tmp_path / "FILE"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]
+
+
+def test_an_existing_report_is_refused_without_append(tmp_path):
+    (tmp_path / "bench_cpu.json").write_text('{"runs": [], "results": []}\n')
+    proc = bench_cli("--presets=tiny", f"--data_dir={tmp_path / 'data'}", f"--out={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {tmp_path / 'bench_cpu.json'} exists: --append adds this command's results to it; for a new "
+        f"report pass another --tag or --out, or move it away")
+    assert (tmp_path / "bench_cpu.json").read_text() == '{"runs": [], "results": []}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench_cpu.json"]
