@@ -1438,9 +1438,9 @@ def main(argv):
         return
     try:
         settings = settings_from_flags()
-        check_backend(settings)
         if settings.isolate:
-            keep_coordinator_off_the_pool()
+            keep_coordinator_off_the_pool()  # before check_backend makes this process's client
+        check_backend(settings)
         report = run_benchmark(settings, argv=["python -m experiments.bench"] + sys.argv[1:])
     except BenchError as err:
         cli.fail(str(err))
