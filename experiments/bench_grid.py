@@ -52,22 +52,27 @@ from absl import app, flags, logging  # noqa: E402
 from lgmrec_jax import cli, train as _train  # noqa: E402
 
 FLAGS = flags.FLAGS
-_train.define_run_flags()  # --dataset, --data_dir, --workdir, as lgmrec_jax.train
-flags.DEFINE_list("sizes", ["1", "4", "16", "64"], "Group sizes K measured on one device.")
-flags.DEFINE_list("batchings", ["map", "vmap", "vmap_columns"], "Group programs to time "
-                  "(lgmrec_jax.multi.BATCHINGS).")
-flags.DEFINE_list("device_counts", ["1", "2", "4"], "Device counts for the step-time measurement.")
-flags.DEFINE_integer("device_configs", 4, "Configs in the group spread over devices.")
-flags.DEFINE_string("device_batching", "map", "Batching of the group spread over devices.")
-flags.DEFINE_integer("epochs", 2, "Timed epochs (after one compiling epoch) per measurement.")
-flags.DEFINE_integer("nominal_epochs", 50, "Epochs per config assumed for configs per hour.")
-flags.DEFINE_string("out", "experiments/results", "Output directory.")
-flags.DEFINE_string("tag", None, "Result file tag (default: the backend, e.g. cpu).")
-flags.DEFINE_bool("seed_check", False, "Run the 8-seed grid against 8 single runs instead of the timings.")
-flags.DEFINE_integer("seed_check_epochs", 3, "Epochs per run in --seed_check.")
-flags.DEFINE_string("seed_check_batching", "map", "Batching of the seeds grid in --seed_check.")
-flags.DEFINE_float("wait_idle_s", 0.0, "Wait up to this long for the 1-minute load average to fall below "
-                   "half the cores before measuring (other processes distort CPU timings).")
+
+
+def define_flags() -> None:
+    """Defined only when run as a program: importing this module (tests) adds no global flags that could
+    clash with another entry point's."""
+    _train.define_run_flags()  # --dataset, --data_dir, --workdir, as lgmrec_jax.train
+    flags.DEFINE_list("sizes", ["1", "4", "16", "64"], "Group sizes K measured on one device.")
+    flags.DEFINE_list("batchings", ["map", "vmap", "vmap_columns"], "Group programs to time "
+                      "(lgmrec_jax.multi.BATCHINGS).")
+    flags.DEFINE_list("device_counts", ["1", "2", "4"], "Device counts for the step-time measurement.")
+    flags.DEFINE_integer("device_configs", 4, "Configs in the group spread over devices.")
+    flags.DEFINE_string("device_batching", "map", "Batching of the group spread over devices.")
+    flags.DEFINE_integer("epochs", 2, "Timed epochs (after one compiling epoch) per measurement.")
+    flags.DEFINE_integer("nominal_epochs", 50, "Epochs per config assumed for configs per hour.")
+    flags.DEFINE_string("out", "experiments/results", "Output directory.")
+    flags.DEFINE_string("tag", None, "Result file tag (default: the backend, e.g. cpu).")
+    flags.DEFINE_bool("seed_check", False, "Run the 8-seed grid against 8 single runs instead of the timings.")
+    flags.DEFINE_integer("seed_check_epochs", 3, "Epochs per run in --seed_check.")
+    flags.DEFINE_string("seed_check_batching", "map", "Batching of the seeds grid in --seed_check.")
+    flags.DEFINE_float("wait_idle_s", 0.0, "Wait up to this long for the 1-minute load average to fall below "
+                       "half the cores before measuring (other processes distort CPU timings).")
 
 
 def timed(fn):
@@ -411,4 +416,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main, flags_parser=cli.parse_flags)

@@ -48,3 +48,9 @@ def test_a_section_from_another_invocation_names_its_own_machine():
     md = bench_grid.markdown({"machine": machine("newer"), "seed_check_map": check})
     assert md.count("commit newer") == 1 and md.count("commit older") == 1
     assert md.index("commit older") > md.index("## Seed check")
+
+
+def test_importing_bench_grid_defines_no_global_flags():
+    from absl import flags
+
+    assert "sizes" not in flags.FLAGS and "seed_check" not in flags.FLAGS
