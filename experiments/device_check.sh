@@ -151,7 +151,7 @@ optax.__version__, 'orbax', o.__version__)" >>"$OUT/env.txt" 2>&1
       datasets_ready
       modules=${PHASE_MODULES:-gpu_compiler=1,nvptx_compiler=1,compile_module_to_llvm_ir=1,gemm_fusion_autotuner=1,autotuner_util=1,autotuner_compile_util=1,triton_fusion_emitter=1,cpu_compiler=1}
       stage phases 150 sh -c "TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=$modules $BENCH --presets=$PRESET \
-        --matmul_precision=highest --compile_only --isolate=false --out=/tmp/lgmrec_phases 2>/tmp/lgmrec_phases.log"
+        --matmul_precision=highest --compile_only --isolate=false --out=/tmp/lgmrec_phases --append 2>/tmp/lgmrec_phases.log"
       $PY -m experiments.compile_phases /tmp/lgmrec_phases.log --program=jit_run_epoch >>"$OUT/log.txt" 2>&1 ;;
     breakdown)
       datasets_ready
