@@ -1,9 +1,9 @@
 """Benchmark harness (issue #5): compile, train epoch, evaluation, full run, memory, scaling.
 
-    python -m experiments.bench --presets=baby --kernel=segment_sum,bcoo          # CPU here
+    python -m experiments.bench --presets=baby --kernel=segment_sum,bcoo --append # CPU here
     python -m experiments.bench --presets=baby,sports,clothing --scales=0.25,0.5,1,2,4,10 \
-        --full_run --compile_cache                                                # GPU machine
-    python -m experiments.bench --presets=baby --profile                          # where an epoch goes
+        --full_run --compile_cache --append                                       # GPU machine
+    python -m experiments.bench --presets=baby --profile --out=/tmp/profile       # where an epoch goes
 
 The same command runs on any backend. Every benchmark configuration (dataset x kernel x matmul
 precision x patch set) runs in its own child process (``--isolate``, the default), so peak memory

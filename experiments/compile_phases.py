@@ -1,7 +1,7 @@
 """Where XLA's compile time goes, from its own timers in a log.
 
     TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,nvptx_compiler=1,... \\
-        python -m experiments.bench --presets=clothing --compile_only 2> compile.log
+        python -m experiments.bench --presets=clothing --compile_only --out=/tmp/phases --append 2> compile.log
     python -m experiments.compile_phases compile.log --program=jit_run_epoch
 
 XLA's compilers time their phases with scoped timers that log, at verbosity 1 of the compiler's own
