@@ -326,9 +326,7 @@ def check_flags() -> None:
         unknown = [b for b in values if b not in multi.BATCHINGS]
         if unknown:
             cli.fail(f"--{flag}={unknown[0]}: unknown; expected one of {list(multi.BATCHINGS)}")
-    problem = cli.out_dir_problem(FLAGS.out)
-    if problem:
-        cli.fail(f"--out={FLAGS.out}: {problem}")
+    cli.require_out_dir(FLAGS.out)
 
 
 def read_result(json_path: str) -> dict:
@@ -380,9 +378,10 @@ def main(argv):
         grid_lib.setup_compilation_cache("")  # no cache: the wall times include compiling
         workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="seed_check_")  # --workdir: lgmrec_jax.train's flag
         check = seed_check(FLAGS.dataset, FLAGS.data_dir, FLAGS.seed_check_epochs, workdir, FLAGS.seed_check_batching)
-        result.setdefault("machine", machine())
+        here = machine()
+        result.setdefault("machine", here)
         result[f"seed_check_{FLAGS.seed_check_batching}"] = {**check, "command": command, "load": load,
-                                                             "machine": machine()}
+                                                             "machine": here}
     else:
         result["machine"] = machine()  # the timing section's
         base = configs.for_dataset(FLAGS.dataset)

@@ -122,9 +122,7 @@ def main(argv) -> int:
         cli.fail(f"--items={','.join(FLAGS.items)}: expected integer catalogue widths")
     if min(widths, default=0) < K or FLAGS.rows < 1 or FLAGS.chunk < 1 or FLAGS.repeats < 1:
         cli.fail(f"--items must be at least k={K} wide, --rows, --chunk and --repeats at least 1")
-    problem = cli.out_dir_problem(FLAGS.out)
-    if problem:
-        cli.fail(f"--out={FLAGS.out}: {problem}")
+    cli.require_out_dir(FLAGS.out)
     import jax
 
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")

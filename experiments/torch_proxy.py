@@ -457,9 +457,7 @@ def main(argv):
         cli.fail(f"unexpected arguments {argv[1:]}; every input is a --flag")
     if FLAGS.epochs_to_time < 1 or FLAGS.eval_repeats < 1:
         cli.fail("--epochs_to_time and --eval_repeats must be at least 1 (the medians of the timed calls)")
-    problem = cli.out_dir_problem(FLAGS.out)
-    if problem:  # before the minutes of timing
-        cli.fail(f"--out={FLAGS.out}: {problem}")
+    cli.require_out_dir(FLAGS.out)  # before the minutes of timing
     try:
         if FLAGS.golden:
             rows = replay_golden(FLAGS.golden)

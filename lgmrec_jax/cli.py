@@ -37,6 +37,13 @@ def out_dir_problem(out: str) -> Optional[str]:
     return None
 
 
+def require_out_dir(out: str) -> None:
+    """``error: --out=...`` and exit 2 unless ``out`` can receive results (:func:`out_dir_problem`)."""
+    problem = out_dir_problem(out)
+    if problem:
+        fail(f"--out={out}: {problem}")
+
+
 class QuietLibraries(py_logging.Filter):
     """Keeps our INFO lines; drops orbax's per-save and JAX's backend-probe INFO chatter. orbax's
     errors keep their one-line message but not their traceback (a failed save is reported by the run,
