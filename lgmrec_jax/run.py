@@ -180,15 +180,6 @@ def identity_differences(old: dict, new: dict) -> list[str]:
     return diffs
 
 
-def _devices_resolved(identity: dict) -> dict:
-    """``identity`` with config.num_devices 0 ("all local devices") as this machine's count, so that 0 and
-    that count compare equal: the same step runs either way."""
-    cfg = identity.get("config") if isinstance(identity, dict) else None
-    if not isinstance(cfg, dict) or cfg.get("num_devices") != 0:
-        return identity
-    return {**identity, "config": {**cfg, "num_devices": jax.local_device_count()}}
-
-
 def write_json_atomic(path: str, payload, tmp: Optional[str] = None) -> None:
     """Writes ``tmp`` (default ``path.tmp``), syncs it and renames it over ``path``."""
     tmp = tmp or f"{path}.tmp"
@@ -277,8 +268,7 @@ class Workdir:
                     raise RunError(f"{config_path}: not valid JSON ({err}); {start_over}") from None
                 if not isinstance(old, dict):
                     raise RunError(f"{config_path}: not a JSON object; {start_over}")
-                diffs = identity_differences(_devices_resolved(old.get("identity", {})),
-                                             _devices_resolved(identity))
+                diffs = identity_differences(old.get("identity", {}), identity)
                 if diffs:
                     raise RunError(f"{self.path} holds a run with a different setup ({'; '.join(diffs)}); "
                                    f"use --restart to start over or choose another --workdir")

@@ -338,14 +338,3 @@ def test_identity_differences_say_how_a_dataset_file_changed():
     assert run_lib.identity_differences(old, new) == [
         "dataset file image_feat.npy is gone", "dataset file t.npy changed (sha256)",
         "dataset file text_feat.npy is new"]
-
-
-def test_all_devices_and_their_count_are_the_same_setup(synthetic_dir, tmp_path):
-    """num_devices 0 means every local device (conftest makes 4): a run started with 4 resumes with 0
-    and the other way round; 2 is another step, refused."""
-    ds = load_dataset(synthetic_dir, "synthetic_tiny")
-    run_lib.train_and_evaluate(tiny_config(epochs=1, num_devices=4), ds, str(tmp_path))
-    assert run_lib.train_and_evaluate(tiny_config(epochs=2, num_devices=0), ds, str(tmp_path))["epochs_run"] == 2
-    assert run_lib.train_and_evaluate(tiny_config(epochs=3, num_devices=4), ds, str(tmp_path))["epochs_run"] == 3
-    with pytest.raises(run_lib.RunError, match=r"config.num_devices: 4 -> 2"):
-        run_lib.train_and_evaluate(tiny_config(epochs=4, num_devices=2), ds, str(tmp_path))
