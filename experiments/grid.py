@@ -389,7 +389,7 @@ def refuse_other_grid(workdir: str, before: dict, manifest: dict) -> None:
     if changed:
         what = "; ".join(f"{key}: {before.get(key)} -> {manifest.get(key)}" for key in changed)
         raise GridError(f"{workdir} holds another grid run ({what}): their results must not mix; rerun it as it "
-                        f"was, use --restart to discard it, or choose another --workdir")
+                        f"was, use --restart (without --grid_shard) to discard it, or choose another --workdir")
 
 
 def write_json_unique(path: str, payload) -> None:
@@ -467,8 +467,13 @@ def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, de
     manifest = manifest_of(name, dataset, points, base_overrides, seeds, base.valid_metric, grid_path,
                            emulate_precision, mode)
     ds = load_dataset(data_dir, dataset)  # bad data stops the grid before anything is deleted or written
+    manifest_path = os.path.join(workdir, "grid.json")
+    whole_restart = restart and shard[1] == 1  # discards grid.json too; a shard's restart keeps it
+    before = read_json(manifest_path) if os.path.isdir(workdir) and not whole_restart else None
+    if before is not None:  # before a shard's restart deletes its configs: they may be another grid's
+        refuse_other_grid(workdir, before, manifest)
     if restart and os.path.isdir(workdir):
-        if shard[1] == 1:
+        if whole_restart:
             try:
                 run_lib.clear_for_restart(workdir, GRID_OUTPUTS, suffixes=(".png",))
             except run_lib.RunError as err:
@@ -477,10 +482,6 @@ def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, de
             for path in [config_dir(workdir, p.cid) for p in mine] + [os.path.join(workdir, "groups", g)
                                                                       for g, _ in groups]:
                 shutil.rmtree(path, ignore_errors=True)
-    manifest_path = os.path.join(workdir, "grid.json")
-    before = read_json(manifest_path) if os.path.isdir(workdir) else None
-    if before is not None:
-        refuse_other_grid(workdir, before, manifest)
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as err:

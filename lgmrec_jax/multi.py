@@ -592,7 +592,8 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
                 if active[k]:
                     progress[cid].wall_s += wall
                     progress[cid].stopper = stoppers[cid].state_dict()
-                    rows[cid]["time_s"] = round(progress[cid].wall_s, 3)  # the config's clock, as a run's
+                    if cid in rows:  # a config that went non-finite this epoch has no row
+                        rows[cid]["time_s"] = round(progress[cid].wall_s, 3)  # the config's clock, as a run's
             n_live = sum(is_active(c) for c in slots)
             if repack and n_live and len(slots) > n_devices and n_live <= len(slots) // 2:
                 keep = [k for k, c in enumerate(slots) if is_active(c)]

@@ -523,6 +523,7 @@ def _open_workdir(cfg, ds, wd: Workdir, identity: dict, state):
     checkpoints = ckpt_lib.Checkpoints(wd.file("checkpoints"), cfg.keep_checkpoints)
     restored, progress = _restore(cfg, wd, checkpoints, state)
     if progress.epoch > cfg.epochs:  # its files would describe a longer run than config.json then says
+        checkpoints.close()
         raise RunError(f"{wd.path} holds a run of {progress.epoch} epochs, more than epochs={cfg.epochs}: a run "
                        f"is not shortened; ask for {progress.epoch} or more, or use --restart to start over")
     if restored is not None:

@@ -435,7 +435,7 @@ def test_emulated_precision_grid_computes_the_accelerators_products(synthetic_di
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         f"error: {emulated_dir} holds another grid run (emulate_precision: tpu -> None): their results must not "
-        "mix; rerun it as it was, use --restart to discard it, or choose another --workdir")
+        "mix; rerun it as it was, use --restart (without --grid_shard) to discard it, or choose another --workdir")
 
 
 def test_a_precision_the_backend_cannot_run_is_refused_before_anything_is_written(synthetic_dir, tmp_path):
@@ -544,3 +544,25 @@ def test_a_base_override_the_grid_sets_per_config_is_named_in_a_warning(plain_di
     assert "the grid sets alpha per config: the --config value(s) given for it are not used" in caplog.text
     config = json.loads((tmp_path / "wd" / "configs" / "alpha=0.5" / "config.json").read_text())
     assert config["identity"]["config"]["alpha"] == 0.5
+
+
+def test_a_shard_restart_of_another_grid_is_refused_before_it_deletes(plain_dir, tmp_path):
+    g = grid_file(tmp_path, "def sweep(add):\n    add()\n    add(alpha=0.5)\n")
+    workdir = tmp_path / "wd"
+    for i in range(2):
+        grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, shard=(i, 2))
+    configs_before = sorted(os.listdir(workdir / "configs"))
+    with pytest.raises(grid_lib.GridError, match=r"holds another grid run \(mode: group -> sequential\)"):
+        grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, shard=(0, 2), restart=True,
+                          mode="sequential")
+    assert sorted(os.listdir(workdir / "configs")) == configs_before == ["alpha=0.5", "base"]
+    assert all(os.path.exists(workdir / "configs" / c / "summary.json") for c in configs_before)
+
+
+def test_a_config_that_goes_non_finite_in_a_group_does_not_stop_the_others(synthetic_dir, tmp_path):
+    g = grid_file(tmp_path, "def sweep(add):\n    add(learning_rate=1e30)\n    add(learning_rate=1e-3)\n")
+    result = grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(tmp_path / "wd"), {**TINY, "epochs": 2})
+    assert {cid: s["status"] for cid, s in result["summaries"].items()} == {
+        "learning_rate=1e+30": "non_finite", "learning_rate=0.001": "max_epochs"}
+    rows = read_jsonl(tmp_path / "wd" / "configs" / "learning_rate=0.001" / "metrics.jsonl")
+    assert [r["epoch"] for r in rows] == [0, 1] and all(r["time_s"] > 0 for r in rows)
