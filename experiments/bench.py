@@ -1355,16 +1355,6 @@ class BenchError(ValueError):
     """A benchmark that cannot start as asked; the message is one line."""
 
 
-def _numbers(flag: str, kind, positive: bool = True) -> tuple:
-    try:
-        values = tuple(kind(x) for x in FLAGS[flag].value)
-    except ValueError:
-        raise BenchError(f"--{flag}={','.join(FLAGS[flag].value)}: expected {kind.__name__} values") from None
-    if positive and any(not v > 0 for v in values):
-        raise BenchError(f"--{flag}={','.join(FLAGS[flag].value)}: expected positive values")
-    return values
-
-
 def settings_from_flags() -> Settings:
     """The flags as Settings, after checking everything that can be checked before the first configuration."""
     dims = None
@@ -1394,7 +1384,12 @@ def settings_from_flags() -> Settings:
         scaled = ((),)
     if any(len(pair) != 2 or not min(pair) > 0 for pair in scaled):
         raise BenchError(f"--scaled={','.join(FLAGS.scaled)}: expected CATALOGUE:INTERACTIONS positive pairs")
-    scales = _numbers("scales", float)
+    try:
+        scales = tuple(float(x) for x in FLAGS.scales)
+    except ValueError:
+        raise BenchError(f"--scales={','.join(FLAGS.scales)}: expected float values") from None
+    if any(not scale > 0 for scale in scales):
+        raise BenchError(f"--scales={','.join(FLAGS.scales)}: expected positive values")
     if FLAGS.eval_repeats < 0 or FLAGS.epochs_to_time < 1 or FLAGS.max_epochs < 0:
         raise BenchError("--eval_repeats must be >= 0 (0 skips evaluation), --epochs_to_time >= 1 and "
                          "--max_epochs >= 0")
