@@ -112,8 +112,30 @@ def read_metrics(path: str) -> list[dict]:
             raise ReportError(f"{path} line {number}: not valid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
             raise ReportError(f"{path} line {number}: expected a JSON object with an integer 'epoch'")
+        problem = row_problem(row)
+        if problem:
+            raise ReportError(f"{path} line {number}: {problem}; was it written by lgmrec_jax?")
         rows.append(row)
     return rows
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def row_problem(row: dict) -> Optional[str]:
+    """What is wrong with the fields of an epoch row of metrics.jsonl that the report reads (a loss
+    dict with its total; valid/test, where present, metric -> number), or None. Checked when the
+    file is read, so a malformed row is refused whether or not a plot is drawn."""
+    loss = row.get("loss")
+    if not isinstance(loss, dict) or not _is_number(loss.get("total")):
+        return "expected 'loss' to be an object with a number 'total'"
+    for split in ("valid", "test"):
+        if split in row and not (isinstance(row[split], dict) and all(map(_is_number, row[split].values()))):
+            return f"expected {split!r} to be an object of metric -> number"
+    if "best_epoch" in row and not isinstance(row["best_epoch"], int):
+        return "expected 'best_epoch' to be an integer"
+    return None
 
 
 def load_run(workdir: str) -> RunRecord:

@@ -22,6 +22,7 @@ injects faults at chosen points for the tests.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import fcntl
@@ -495,7 +496,7 @@ def _read_summary(path: str) -> Optional[dict]:
         return None
 
 
-def _on_primary(fn):
+def _on_primary(fn, what: str = "process 0's work on the workdir"):
     """fn() on process 0 alone, the workdir's owner under jax.distributed (elsewhere None); a failure
     there is raised on every process, so no process waits for a collective that never comes."""
     result, failure = None, None
@@ -508,7 +509,7 @@ def _on_primary(fn):
     if failure is not None:  # the run's own errors are one line already; name anything else's type
         known = isinstance(failure, (RunError, ckpt_lib.CheckpointError, OSError))
         text = str(failure) if known else f"{type(failure).__name__}: {failure}"
-    message = distributed.broadcast_json(text)
+    message = distributed.broadcast_json(text, what)
     if failure is not None:
         raise failure
     if message is not None:
@@ -612,7 +613,8 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
     """The epochs of _train, from its opened workdir (process 0's; None elsewhere) to the summary."""
     primary = distributed.is_primary()
     # What process 0 found, in one broadcast: a finished run's summary, or where to continue.
-    shared = distributed.broadcast_json({"done": done, "progress": dataclasses.asdict(progress)})
+    shared = distributed.broadcast_json({"done": done, "progress": dataclasses.asdict(progress)},
+                                        "process 0's progress of the run")
     if shared["done"] is not None:
         return shared["done"]
     if restored is not None:
@@ -620,7 +622,7 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
     if distributed.spans_processes():
         progress = Progress(**shared["progress"])
         if progress.epoch > 0:  # restored from a checkpoint (a fresh start is the same everywhere)
-            state = distributed.broadcast_tree(state)
+            state = distributed.broadcast_tree(state, "process 0's restored state")
     state = exp.runner.put(state)
     stopper = (EarlyStopping.from_state_dict(progress.stopper) if progress.stopper
                else EarlyStopping(cfg.stopping_step))
@@ -638,7 +640,10 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
         show = progress_bar(epoch) if sys.stderr.isatty() else None
         if fault("kill", "train", epoch) is not None:  # fault injection: SIGKILL halfway through
             show = lambda done, total, epoch=epoch: done * 2 >= total and _kill_at("train", epoch)
-        state, parts = exp.train_epoch(state, epoch, show)
+        first = epochs_this_call == 0  # its compile, and the step's first collectives across processes
+        with (distributed.waiting_for(f"the other processes in epoch {epoch}, the first of this invocation")
+              if first else contextlib.nullcontext()):
+            state, parts = exp.train_epoch(state, epoch, show)
         saver.finish()  # the previous epoch's checkpoint, written while this epoch trained, and its row
         loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
         host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
@@ -650,7 +655,9 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
         stop = False
         if (epoch + 1) % cfg.eval_step == 0 and exp.plans:
             tick = time.time()
-            results = distributed.broadcast_json(_on_primary(lambda: exp.evaluate(host_state.params, epoch)))
+            results = distributed.broadcast_json(
+                _on_primary(lambda: exp.evaluate(host_state.params, epoch), f"process 0's evaluation of epoch {epoch}"),
+                f"process 0's metrics of epoch {epoch}")
             row["eval_s"] = round(time.time() - tick, 4)
             row.update(results)
             stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],

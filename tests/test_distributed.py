@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, free_port, read_jsonl
 from experiments.reliability import strip_timing
-from lgmrec_jax import run as run_lib
+from lgmrec_jax import distributed, run as run_lib
 
 RUN = ("--dataset=synthetic_tiny", "--config.epochs=3", "--config.stopping_step=100", "--config.num_devices=0")
 
@@ -109,10 +109,50 @@ def test_a_refusal_on_process_0_stops_process_1(synthetic_dir, env, tmp_path):
 
 
 def test_process_flags_are_checked_before_jax_distributed_starts():
-    from lgmrec_jax import distributed
-
     assert distributed.initialize(None, 1, 0) == (0, 1)  # one process: nothing to initialise
     with pytest.raises(distributed.DistributedError, match="needs --coordinator_address=host:port"):
         distributed.initialize(None, 2, 0)
     with pytest.raises(distributed.DistributedError, match=r"--process_id is 2, expected 0 \.\. 1"):
         distributed.initialize("localhost:1", 2, 2)
+    with pytest.raises(distributed.DistributedError, match=r"--distributed_timeout is 0, expected"):
+        distributed.initialize("localhost:1", 2, 1, timeout_s=0)
+
+
+def test_a_peer_that_never_arrives_is_a_clear_exit_not_a_hang(synthetic_dir, env, tmp_path):
+    # Process 1 of 2 is never started: process 0 gives up after --distributed_timeout.
+    port = free_port()
+    proc = train(env, 2, f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / 'w'}",
+                 f"--coordinator_address=localhost:{port}", "--num_processes=2", "--process_id=0",
+                 "--distributed_timeout=5")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == distributed.TIMEOUT_EXIT, err[-2000:]
+    assert err.strip().splitlines()[-1] == (
+        f"error: process 0 waited 5 s for all 2 processes to join at localhost:{port}; "
+        "a process did not arrive or stopped (--distributed_timeout=5)")
+    assert not (tmp_path / "w").exists()
+
+
+def test_a_wait_past_the_timeout_exits_with_the_line_naming_it(tmp_path):
+    # waiting_for around a wait that never ends (as a broadcast whose sender is gone): the timer exits.
+    code = ("from lgmrec_jax import distributed as d; import time\n"
+            "d._started, d._timeout_s, d._process_id = True, 1, 1\n"
+            "with d.waiting_for(\"process 0's metrics of epoch 3\"):\n    time.sleep(60)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == distributed.TIMEOUT_EXIT
+    assert proc.stderr.strip() == ("error: process 1 waited 1 s for process 0's metrics of epoch 3; a process did "
+                                   "not arrive or stopped (--distributed_timeout=1)")
+    # A wait that ends in time leaves the process alone.
+    code = code.replace("time.sleep(60)", "time.sleep(0.1)") + "time.sleep(2); print('went on')\n"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=50)
+    assert proc.returncode == 0 and proc.stdout.strip() == "went on"
+
+
+def test_the_persistent_cache_is_off_where_it_hangs():
+    # jax 0.12.1's CPU programs with cross-process collectives hang when loaded from the cache.
+    assert distributed.cache_hangs("0.12.1", "cpu", 2)
+    assert distributed.cache_hangs("0.13.0.dev20270101", "cpu", 2)
+    assert not distributed.cache_hangs("0.12.0", "cpu", 2)
+    assert not distributed.cache_hangs("0.12.0.1", "cpu", 2)
+    assert not distributed.cache_hangs("0.10.2", "cpu", 4)
+    assert not distributed.cache_hangs("0.12.1", "cpu", 1)
+    assert not distributed.cache_hangs("0.12.1", "gpu", 2)

@@ -225,6 +225,8 @@ def test_cli_errors_are_one_line_exit_2(case, finished_run, tmp_path):
             with open(os.path.join(workdir, "metrics.jsonl"), "w") as handle:
                 handle.writelines(json.dumps(r) + "\n" for r in rows)
             os.remove(os.path.join(workdir, "summary.json"))
+            expected = ("metrics.jsonl line 2: expected 'loss' to be an object" if case == "row_without_loss" else
+                        f"metrics.jsonl line {len(rows)}: expected 'valid' to be an object of metric -> number")
         elif case == "summary_types":
             summary = read_json(os.path.join(workdir, "summary.json"))
             summary["epochs_run"] = str(summary["epochs_run"])
@@ -233,7 +235,8 @@ def test_cli_errors_are_one_line_exit_2(case, finished_run, tmp_path):
         else:
             with open(os.path.join(workdir, "config.json"), "w") as handle:
                 json.dump({"identity": 5}, handle)
-        expected = f"error: {workdir}: metrics.jsonl, summary.json or config.json lacks a field a run writes"
+        if case in ("summary_types", "identity_not_an_object"):
+            expected = f"error: {workdir}: metrics.jsonl, summary.json or config.json lacks a field a run writes"
     elif case == "no_argument":
         args, expected = [], "error: expected one WORKDIR argument, got 0"
     else:
@@ -243,6 +246,28 @@ def test_cli_errors_are_one_line_exit_2(case, finished_run, tmp_path):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], proc.stderr
     assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("matplotlib_installed", [True, False])
+@pytest.mark.parametrize("plot", [True, False])
+@pytest.mark.parametrize("row, expected", [
+    ({"epoch": 1}, "line 2: expected 'loss' to be an object with a number 'total'"),
+    ({"epoch": 1, "loss": {"total": 1.0}, "valid": None}, "line 2: expected 'valid' to be an object of metric"),
+    ({"epoch": 1, "loss": {"total": 1.0}, "test": {"recall@20": "0.5"}}, "line 2: expected 'test' to be an object"),
+    ({"epoch": 1, "loss": {"total": 1.0}, "best_epoch": 0.5}, "line 2: expected 'best_epoch' to be an integer"),
+])
+def test_malformed_rows_are_refused_with_or_without_a_plot(row, expected, plot, matplotlib_installed, finished_run,
+                                                           tmp_path, monkeypatch):
+    if not matplotlib_installed:
+        monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    workdir = copy_run(finished_run, tmp_path / "run")
+    rows = read_rows(finished_run)
+    rows[1] = row
+    with open(os.path.join(workdir, "metrics.jsonl"), "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    with pytest.raises(report.ReportError, match=re.escape(expected)):
+        report.report(workdir, plot=plot)
+    assert not os.path.exists(os.path.join(workdir, report.PLOT_NAME))
 
 
 def test_importing_report_defines_no_global_flags():
