@@ -31,6 +31,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lgmrec_jax.workdir import write_json_atomic
+
 # Key of the JSON block that holds the arrays' fingerprint; added by save, removed by restore.
 FINGERPRINT_KEY = "_state_sha256"
 
@@ -92,17 +94,21 @@ class Checkpoints:
     checkpoints are written by process 0 alone (lgmrec_jax/run.py).
     """
 
-    def __init__(self, directory: str, keep: int, keep_best: bool = True):
+    def __init__(self, directory: str, keep: int, keep_best: bool = True, read_only: bool = False):
+        """``read_only``: for reading another process's checkpoints (lgmrec_jax.export): the directory
+        must exist, and nothing in it is created, cleaned up or saved (a run may be writing there)."""
         quiet_failed_write_echoes()
-        self.directory = os.path.abspath(directory)
+        self.directory, self.read_only = os.path.abspath(directory), read_only
         self.scores = self._read_scores()
         self.policy = LatestAndBest(keep, keep_best, self.scores)
         me = jax.process_index()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=self.policy, enable_async_checkpointing=False,
-            cleanup_tmp_directories=True, create=False,  # orbax refuses create with active_processes
+            cleanup_tmp_directories=not read_only, create=False,  # orbax refuses create with active_processes
             multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me}))
         try:
+            if read_only and not os.path.isdir(self.directory):
+                raise FileNotFoundError("no such directory")
             os.makedirs(self.directory, exist_ok=True)
             self.manager = ocp.CheckpointManager(self.directory, options=options)
         except Exception as err:
@@ -112,6 +118,8 @@ class Checkpoints:
     def save(self, epoch: int, state: Any, meta: dict, valid_value: Optional[float]) -> None:
         """Saves step ``epoch``; a step of that number already there (one that could not be restored,
         left behind by a fallback to an older checkpoint) is moved aside first."""
+        if self.read_only:
+            raise CheckpointError(f"{self.directory}: opened read-only, checkpoint {epoch} not saved")
         if epoch in self.manager.all_steps():
             self.quarantine(epoch, "replaced by a new save of the same epoch")
         self.scores[epoch] = None if valid_value is None else float(valid_value)  # the policy reads it
@@ -140,7 +148,6 @@ class Checkpoints:
             return {}
 
     def _write_scores(self) -> None:
-        from lgmrec_jax.run import write_json_atomic  # local import: run imports this module
 
         present = set(self.manager.all_steps())
         write_json_atomic(os.path.join(self.directory, SCORES_FILE),
@@ -158,6 +165,10 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint {epoch}: the restored arrays do not match the SHA-256 recorded "
                                   f"at save time (a corrupted file)")
         return state, meta
+
+    def read_meta(self, epoch: int) -> dict:
+        """Step ``epoch``'s JSON block alone (its arrays are not read), fingerprint key included."""
+        return dict(self.manager.restore(epoch, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
 
     def restore_latest(self, abstract_state: Any):
         """(state, meta, skipped) from the newest checkpoint that restores, or (None, None, skipped).

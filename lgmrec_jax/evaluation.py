@@ -50,7 +50,7 @@ from __future__ import annotations
 import concurrent.futures as concurrent_futures
 import functools
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +88,7 @@ class SplitTops(NamedTuple):
 
     items: jax.Array  # top-50 item indices (-1 pads a catalogue under 50 items)
     hits: jax.Array  # bool: the item is one of the row's split items (metrics.relevance)
+    scores: Optional[jax.Array] = None  # with_scores: the masked scores of those items (-inf on -1 pads)
 
 
 SPLIT_PAD = -2  # never an item index, nor top-k's -1 padding
@@ -127,6 +128,14 @@ def plan_split(train: np.ndarray, split_pairs: np.ndarray, n_users: int, n_items
     split_items, n_pos = split_item_table(users, split_pairs, n_users, n_blocks * block_size)
     return SplitPlan(users, block_users, mask_rows, mask_cols, split_items.reshape(n_blocks, block_size, -1),
                      n_pos, split_pairs)
+
+
+def plan_all_users(train: np.ndarray, n_users: int, n_items: int, block_size: int) -> SplitPlan:
+    """A plan of every user 0..n_users-1 in blocks, as plan_split would cut a split holding them all: for
+    top-k lists of users outside the valid/test splits (lgmrec_jax.export). Each user gets the one split
+    item ``n_items``, which no list holds (so every row counts as real and no hit is marked)."""
+    users = np.arange(n_users, dtype=np.int64)
+    return plan_split(train, np.stack([users, np.full_like(users, n_items)], axis=1), n_users, n_items, block_size)
 
 
 def split_item_table(users: np.ndarray, split_pairs: np.ndarray, n_users: int, n_rows: int):
@@ -310,45 +319,55 @@ def top_k_indices(scores: jax.Array, k: int, method: str = "direct") -> jax.Arra
 
 
 def masked_top_k(scores: jax.Array, mask_rows: jax.Array, mask_cols: jax.Array, k: int = TOP_K,
-                 method: str = "direct") -> jax.Array:
+                 method: str = "direct", with_scores: bool = False):
     """Indices of the k best items per row after setting training pairs to -1e10.
 
-    A catalogue smaller than k is padded with -1 (never relevant).
+    A catalogue smaller than k is padded with -1 (never relevant). ``with_scores``: (indices, their
+    masked scores), the pads scoring -inf.
     """
     scores = scores.at[mask_rows, mask_cols].set(MASK_VALUE, mode="drop")
     top = top_k_indices(scores, min(k, scores.shape[1]), method)
-    return jnp.pad(top, ((0, 0), (0, k - top.shape[1])), constant_values=-1)
+    pad = ((0, 0), (0, k - top.shape[1]))
+    indices = jnp.pad(top, pad, constant_values=-1)
+    if not with_scores:
+        return indices
+    return indices, jnp.pad(jnp.take_along_axis(scores, top, axis=1), pad, constant_values=-jnp.inf)
 
 
 def block_top_k(user_emb: jax.Array, item_emb: jax.Array, mask_rows: jax.Array, mask_cols: jax.Array,
-                k: int = TOP_K, method: str = "direct", chunk: int = 0, rows_used=None) -> jax.Array:
+                k: int = TOP_K, method: str = "direct", chunk: int = 0, rows_used=None, with_scores: bool = False):
     """masked_top_k of the block's scores ``user_emb @ item_emb.T``, ``chunk`` users at a time (0: all).
 
     Exact: each row's list is the same whatever the chunk. Chunks keep each score matrix small enough
     to stay in the CPU's cache through the masking and the selections, instead of streaming a
     (4,096 x items) matrix through memory several times (see :data:`CPU_SCORE_CHUNK`). With
     ``rows_used`` (a traced count: the block's real rows come first), chunks past them are not scored
-    and their rows read -1: the last block of a split is mostly padding.
+    and their rows read -1 (score -inf): the last block of a split is mostly padding. ``with_scores``:
+    (indices, scores) as masked_top_k gives them.
     """
     n_rows = user_emb.shape[0]
     if chunk <= 0 or chunk >= n_rows:
-        return masked_top_k(user_emb @ item_emb.T, mask_rows, mask_cols, k, method)
+        return masked_top_k(user_emb @ item_emb.T, mask_rows, mask_cols, k, method, with_scores)
     n_chunks = -(-n_rows // chunk)
     users = jnp.pad(user_emb, ((0, n_chunks * chunk - n_rows), (0, 0))).reshape(n_chunks, chunk, -1)
 
     def scored(index, chunk_users):
         local = mask_rows - index * chunk  # the block's mask, shifted; other chunks' rows are dropped
         rows = jnp.where((local >= 0) & (local < chunk), local, chunk)
-        return masked_top_k(chunk_users @ item_emb.T, rows, mask_cols, k, method)
+        return masked_top_k(chunk_users @ item_emb.T, rows, mask_cols, k, method, with_scores)
+
+    def unscored(*_):
+        indices = jnp.full((chunk, k), -1, jnp.int32)
+        return (indices, jnp.full((chunk, k), -jnp.inf, item_emb.dtype)) if with_scores else indices
 
     def one_chunk(args):
         if rows_used is None:
             return scored(*args)
         index, _ = args
-        return jax.lax.cond(index * chunk < rows_used, scored, lambda *_: jnp.full((chunk, k), -1, jnp.int32), *args)
+        return jax.lax.cond(index * chunk < rows_used, scored, unscored, *args)
 
     tops = jax.lax.map(one_chunk, (jnp.arange(n_chunks), users))
-    return tops.reshape(n_chunks * chunk, -1)[:n_rows]
+    return jax.tree_util.tree_map(lambda x: x.reshape(n_chunks * chunk, -1)[:n_rows], tops)
 
 
 def resolve_score_chunk(value: int) -> int:
@@ -398,22 +417,29 @@ def make_noise_free(model):
     return lambda params, graph, feats: model.apply(params, graph, feats, method=type(model).noise_free)
 
 
-def make_split_evaluator(model, eval_noise: str = "per_block", eval_topk: str = "grouped", score_chunk: int = 0):
+def evaluation_noise(model, eval_noise: str, key: jax.Array):
+    """The noise of one evaluation-mode forward under mode ``eval_noise`` (config key): Gumbel draws
+    from ``key``, or zeros for "off"; no dropout masks."""
+    return sample_noise(key, model.noise_shapes(), train=False, keep_rate=model.keep_rate,
+                        gumbel=eval_noise != "off")
+
+
+def make_split_evaluator(model, eval_noise: str = "per_block", eval_topk: str = "grouped", score_chunk: int = 0,
+                         k: int = TOP_K, with_scores: bool = False):
     """A jittable fn(params, graph, feats, *plan.device_arrays(), key, base=None) -> SplitTops.
 
     The hits are marked on the device, so the host only turns a boolean (users x 50) matrix into
     metrics (metrics.metrics_from_relevance). ``base`` is the model's noise-free part for these
     params (:func:`make_noise_free`); given, the splits of one evaluation share it, and without it
-    the split computes it itself (the same values)."""
+    the split computes it itself (the same values). ``k`` items per list; ``with_scores`` also returns
+    their scores (SplitTops.scores), for exporting the lists."""
     if eval_noise not in EVAL_NOISE_MODES:
         raise ValueError(f"eval_noise is {eval_noise!r}, expected one of {EVAL_NOISE_MODES}")
     if eval_topk not in EVAL_TOPK_METHODS:
         raise ValueError(f"eval_topk is {eval_topk!r}, expected one of {EVAL_TOPK_METHODS}")
-    shapes = model.noise_shapes()
-    gumbel = eval_noise != "off"
 
     def with_fresh_noise(params, base, key):
-        noise = sample_noise(key, shapes, train=False, keep_rate=model.keep_rate, gumbel=gumbel)
+        noise = evaluation_noise(model, eval_noise, key)
         return model.apply(params, base, noise, method=type(model).with_noise)
 
     def evaluate_split(params, graph, feats, block_users, mask_rows, mask_cols, split_items, key, base=None):
@@ -429,9 +455,10 @@ def make_split_evaluator(model, eval_noise: str = "per_block", eval_topk: str = 
             out = with_fresh_noise(params, base, block_key) if shared is None else shared
             # Real rows come first; padding rows have no split items (plan_split).
             rows_used = jnp.sum(wanted[:, 0] != SPLIT_PAD)
-            top = block_top_k(out.user[users], out.item, rows, cols, method=eval_topk, chunk=score_chunk,
-                              rows_used=rows_used)
-            return None, SplitTops(top, (top[:, :, None] == wanted[:, None, :]).any(axis=2))
+            top = block_top_k(out.user[users], out.item, rows, cols, k=k, method=eval_topk, chunk=score_chunk,
+                              rows_used=rows_used, with_scores=with_scores)
+            top, scores = top if with_scores else (top, None)
+            return None, SplitTops(top, (top[:, :, None] == wanted[:, None, :]).any(axis=2), scores)
 
         _, tops = jax.lax.scan(one_block, None, (block_users, mask_rows, mask_cols, split_items, keys))
         return tops

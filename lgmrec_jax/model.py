@@ -241,6 +241,15 @@ class LGMRec(nn.Module):
             y = self.big_ops.propagate(graph.norm_adj, y, self.n_users + self.n_items)
         return y
 
+    def mge_outputs(self, graph: Graph, feats: dict) -> dict:
+        """Each modality's MGE output M_m, (U + I, d), before the normalisation with which
+        :meth:`noise_free` adds it; empty without the MGE. For inspecting the parts of the forward."""
+        if not self.use_mge:
+            return {}
+        d = self.embedding_size
+        return {m: self.mge(graph, item[:, :d], user[:, :d]) for m, (item, user) in
+                self.feature_products(graph, feats).items()}
+
     def assignments(self, logits: dict, noise: Noise) -> dict:
         """Item and user hyperedge assignment matrices per modality: Gumbel-softmax of the logits."""
         out = {k: gumbel_softmax(logits[k], noise.gumbel[k], self.tau) for k in HYPER_KEYS if k in logits}
