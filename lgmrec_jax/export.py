@@ -50,7 +50,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
@@ -205,14 +205,21 @@ def read_id_map(path: str, column: str, n: int) -> Optional[np.ndarray]:
 # ---- Choosing and restoring the checkpoint --------------------------------------------------------
 
 
+class Kept(NamedTuple):
+    """Where a kept checkpoint holds an epoch's state."""
+
+    step: int
+    slot: Optional[int] = None  # the config's row in a group's stacked state; None for a run
+    n_slots: int = 0  # the rows of that stacked state
+
+
 def kept_epochs(source: Source, checkpoints: ckpt_lib.Checkpoints) -> dict:
-    """{epoch: (step, slot)} of the epochs whose state a kept checkpoint holds (slot: the config's row
-    in a group's stacked state, None for a run). A run's step s holds the state after s epochs; a
-    group's step holds each config as far as it had trained (its history there), its state kept
-    unchanged once it finished."""
+    """{epoch: Kept} of the epochs whose state a kept checkpoint holds. A run's step s holds the state
+    after s epochs; a group's step holds each config as far as it had trained (its history there), its
+    state kept unchanged once it finished."""
     steps = checkpoints.steps()
     if source.config_id is None:
-        return {step - 1: (step, None) for step in steps}
+        return {step - 1: Kept(step) for step in steps}
     kept = {}
     for step in reversed(steps):
         try:
@@ -223,7 +230,7 @@ def kept_epochs(source: Source, checkpoints: ckpt_lib.Checkpoints) -> dict:
             continue
         slots, progress = meta.get("slots", []), (meta.get("configs") or {}).get(source.config_id)
         if source.config_id in slots and progress and progress.get("status") != "non_finite" and progress["history"]:
-            kept.setdefault(len(progress["history"]) - 1, (step, slots.index(source.config_id), len(slots)))
+            kept.setdefault(len(progress["history"]) - 1, Kept(step, slots.index(source.config_id), len(slots)))
     return kept
 
 
@@ -253,13 +260,12 @@ def choose_epoch(which: str, source: Source, kept: dict) -> int:
     return epoch
 
 
-def restore_params(source: Source, checkpoints: ckpt_lib.Checkpoints, kept_entry, abstract_state):
+def restore_params(checkpoints: ckpt_lib.Checkpoints, kept: Kept, abstract_state):
     """The parameters of one kept checkpoint (its SHA-256 checked), for a group its config's slot."""
-    step, slot = kept_entry[0], kept_entry[1]
+    step, slot = kept.step, kept.slot
     if slot is not None:  # the group's state stacks its configs along a leading axis
-        n_slots = kept_entry[2]
         abstract_state = jax.tree_util.tree_map(
-            lambda s: jax.ShapeDtypeStruct((n_slots,) + s.shape, s.dtype), abstract_state)
+            lambda s: jax.ShapeDtypeStruct((kept.n_slots,) + s.shape, s.dtype), abstract_state)
     try:
         state, _ = checkpoints.restore(step, abstract_state)
     except Exception as err:  # noqa: BLE001  unreadable, corrupted, or of other shapes than the config's
@@ -467,10 +473,10 @@ def export(workdir: str, out: str, data_dir: str = "./data", checkpoint: str = "
             feats = trainer.device_features(ds, cfg.feature_dtype)
             abstract = jax.eval_shape(lambda: trainer.init_state(model, trainer.make_optimizer(cfg.learning_rate),
                                                                  graph, feats, cfg.seed))
-            params = restore_params(source, checkpoints, kept[epoch], abstract)
+            params = restore_params(checkpoints, kept[epoch], abstract)
         finally:
             checkpoints.close()
-        step = kept[epoch][0]
+        step = kept[epoch].step
         logging.info("export of %s: checkpoint %d of %s (epoch %d, %s), eval_noise %s", source.workdir, step,
                      source.checkpoints, epoch, checkpoint, mode)
         exported = Model(cfg, ds, model, graph, feats, params, epoch, mode)

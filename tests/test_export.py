@@ -180,22 +180,31 @@ def test_embeddings_reproduce_the_scores_and_hyperedges_are_assignments(trained,
 
 
 def test_a_grid_config_exports_from_its_group_checkpoints(data_dir, tmp_path):
+    """A group of two seeds (feature-less data: LightGCN, a small program) checkpoints their stacked
+    state, the latest two epochs only; the second seed's slot exports its own lists."""
+    os.makedirs(tmp_path / "data" / "plain")
+    shutil.copy(os.path.join(data_dir, "synthetic_tiny", "synthetic_tiny.inter"), tmp_path / "data" / "plain" / "plain.inter")
     grid = tmp_path / "g.py"
     grid.write_text("def sweep(add):\n    for seed in (0, 1):\n        add(seed=seed)\n")
     workdir = tmp_path / "grid"
-    grid_lib.run_grid(str(grid), "synthetic_tiny", data_dir, str(workdir), {"epochs": 3, "stopping_step": 100})
+    grid_lib.run_grid(str(grid), "plain", str(tmp_path / "data"), str(workdir),
+                      {"epochs": 3, "stopping_step": 100, "eval_batch_size": 16, "embedding_size": 8,
+                       "feat_embed_dim": 8, "keep_checkpoints": 2}, plots=False)
     config = workdir / "configs" / "seed=1"  # the group's second slot
     rows = read_jsonl(config / "metrics.jsonl")
     out = tmp_path / "out"
-    manifest = export.export(str(config), str(out), data_dir, checkpoint="latest", what=["recommendations"])
+    manifest = export.export(str(config), str(out), str(tmp_path / "data"), checkpoint="latest")
     assert manifest["checkpoint"]["layout"] == "grid group" and manifest["checkpoint"]["epoch"] == 2
-    assert manifest["checkpoint"]["directory"].startswith(str(workdir / "groups"))
-    ds = load_dataset(data_dir, "synthetic_tiny")
+    assert manifest["checkpoint"]["directory"] == str(workdir / "groups" / json.loads(
+        (config / "config.json").read_text())["grid"]["group"] / "checkpoints")
+    assert "user_embeddings.npy" in manifest["files"] and not any("hyperedges" in f for f in manifest["files"])
+    ds = load_dataset(str(tmp_path / "data"), "plain")
     users, items, _ = lists_of(read_tsv(out / "recommendations_test.tsv"))
     assert metrics_lib.topk_metrics(users, items, ds.test, ds.n_users, ds.n_items) == rows[2]["test"]
+    assert manifest["metrics"]["test"]["equal"] is True
     with pytest.raises(export.ExportError, match=r"no checkpoint holds epoch 0 of .*a grid group keeps only its "
                                                  r"latest checkpoints .*; kept epochs: 1, 2$"):
-        export.export(str(config), str(tmp_path / "none"), data_dir, checkpoint="0")
+        export.export(str(config), str(tmp_path / "none"), str(tmp_path / "data"), checkpoint="0")
     assert_nothing_written(tmp_path / "none")
 
 
