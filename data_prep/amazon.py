@@ -1,18 +1,13 @@
 """Raw Amazon review files -> an MMRec-format dataset directory (SPEC §8).
 
-    python -m data_prep.amazon --ratings=ratings_Baby.csv --meta=meta_Baby.json.gz \\
+    python -m data_prep.amazon --ratings=ratings_Baby.csv --meta=meta_Baby.json.gz \
         --image_features=image_features_Baby.b --out=data/baby
 
-writes ``data/baby/baby.inter`` (userID itemID rating timestamp x_label), ``image_feat.npy``,
-``text_feat.npy`` (float32, row r = item r), ``u_id_mapping.csv`` / ``i_id_mapping.csv``,
-``missed_img_itemIDs.csv`` and ``dataset_card.json``. The steps follow MMRec's notebooks: drop
-incomplete rows and duplicate (user, item, timestamp) rows, k-core filter both sides to a fixed
-point, re-index by first appearance, split each user's shuffled rows 8:1:1, then build features.
-Unlike the reference, the split is seeded (``--seed``), so a rebuild is byte-identical.
-
-Everything is written into a temporary directory beside ``--out`` and renamed at the end, so a
-failed run leaves nothing half-written. Bad input stops the run with exit status 2 and one line on
-stderr naming the file and line (or byte offset), unless ``--skip_bad_lines`` is given.
+Writes ``baby.inter``, ``image_feat.npy``, ``text_feat.npy``, the id mappings and ``dataset_card.json``,
+following MMRec's notebooks (dedup, k-core to a fixed point, re-index by first appearance, a per-user
+8:1:1 split, seeded by ``--seed`` so a rebuild is byte-identical). Everything is written beside
+``--out`` and renamed at the end; bad input is one line naming the file and line, exit 2, unless
+``--skip_bad_lines``.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """Readers for the raw Amazon review files (McAuley et al., 2014 and 2018 releases).
 
-Each reader turns one raw file into plain Python/NumPy data and reports every problem with the
-input as one line naming the file and the line number (or byte offset). A malformed line either
-stops the run (:class:`RawInputError`) or, when the caller asked for it, is skipped and counted
-(:class:`BadLines`), so that nothing is dropped silently.
-
-Formats handled:
-  * ``ratings_<Category>.csv`` (2014, "ratings only"): ``user,item,rating,timestamp``, no header;
-  * review JSON lines (2014 ``reviews_<Category>_5.json.gz`` / 2018 ``<Category>.json.gz``):
-    ``reviewerID``, ``asin``, ``overall``, ``unixReviewTime``;
-  * metadata lines: 2014 ``meta_<Category>.json.gz`` holds Python literals (single quotes), which
-    only ``ast.literal_eval`` reads safely; 2018 metadata is JSON. Both are accepted;
-  * ``image_features_<Category>.b``: records of a 10-byte ASIN then D little-endian float32.
-
-Any file may be gzip-compressed or plain; gzip is recognised by its magic bytes, not its name.
+Each reader turns one file into Python/NumPy data and reports a problem as one line naming the file and
+line (or byte offset): it stops (:class:`RawInputError`) or, when asked, is skipped and counted
+(:class:`BadLines`). Formats: ``ratings_<Category>.csv``; review JSON lines (2014 and 2018); metadata
+(2014 Python literals, read with ``ast.literal_eval``; 2018 JSON); ``image_features_<Category>.b``
+(a 10-byte ASIN, then D float32). Any file may be gzip-compressed (recognised by its magic bytes).
 """
 
 from __future__ import annotations

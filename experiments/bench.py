@@ -1,53 +1,15 @@
-"""Benchmark harness (issue #5): compile, train epoch, evaluation, full run, memory, scaling.
+"""Benchmarks: compile, train epoch, evaluation, full run, memory and scaling, on any backend.
 
-    python -m experiments.bench --presets=baby --kernel=segment_sum,bcoo --append # CPU here
-    python -m experiments.bench --presets=baby,sports,clothing --scales=0.25,0.5,1,2,4,10 \
-        --full_run --compile_cache --append                                       # GPU machine
-    python -m experiments.bench --presets=baby --profile --out=/tmp/profile       # where an epoch goes
+    python -m experiments.bench --presets=baby --kernel=segment_sum,bcoo --append      # this CPU
+    python -m experiments.bench --presets=clothing --scales=0.5,2 --full_run --compile_cache --append
+    python -m experiments.bench --presets=clothing --trace --append                    # device time by kind
 
-The same command runs on any backend. Every benchmark configuration (dataset x kernel x matmul
-precision x patch set) runs in its own child process (``--isolate``, the default), so peak memory
-and compile times are per configuration. Results go to ``<out>/bench_<tag>.json`` and
-``<out>/bench_<tag>.md`` (tag = the backend, e.g. ``cpu`` or ``gpu``, unless ``--tag`` is given),
-with the machine, versions and the command stated; ``--append`` adds to an existing report (the
-committed ones hold every session's runs), which is otherwise refused, never replaced.
-
-Datasets. ``--presets`` names the built-in synthetic presets (tiny, default, baby, sports,
-clothing: the real datasets' user/item/interaction counts and 4096/384-d features). ``--scales``
-adds clothing scaled by each factor (users, items and interactions multiplied; the clothing config),
-named ``synthetic_clothing_x<scale>``; ``--feature_dims=IMAGE,TEXT`` overrides their feature widths
-(only for scaled presets; the name then gets ``_f<IMAGE>-<TEXT>``), because 4096-d features at 10x
-clothing are 3.7 GB of host memory. All are generated under ``--data_dir`` on first use.
-
-What is measured, per configuration (all times are wall-clock seconds, device work synchronised):
-  setup_s          Experiment(...) (graph, sampler, eval plans, device copies) + init_state
-  compile          the train-epoch program lowered and compiled ahead of time with the same
-                   arguments the run passes (``runner._run.lower(...).compile()``: trace_lower_s,
-                   compile_s); jit reuses that executable, so the first real epoch then runs without
-                   compiling (first_epoch_s ~ epoch_s confirms it). Where the runner has no
-                   ``_run`` (multi-device), compile_s = first epoch - median steady epoch.
-                   eval_compile_s = first valid+test evaluation - median steady evaluation.
-  epoch_s          median of ``--epochs_to_time`` steady epochs of ``Experiment.train_epoch``: host
-                   negative sampling, one transfer, the compiled scan of all steps (the run's path)
-  sampler_s        the host sampling of one epoch alone (part of epoch_s)
-  steps_per_s      batches per epoch / epoch_s
-  eval_s           median of ``--eval_repeats`` ``Experiment.evaluate`` calls (valid + test: the
-                   compiled blocked top-k on the device and the metrics on the host)
-  full_run         (``--full_run``) ``run.train_and_evaluate`` to early stopping in a temp workdir,
-                   with checkpoints as a real run writes them: total seconds, epochs, best epoch
-  memory           peak RSS of the process (``ru_maxrss``; on CPU the device memory is host memory)
-                   and on accelerators ``memory_stats()['peak_bytes_in_use']`` of device 0
-``--compile_cache`` starts two more processes for the first configuration with an empty persistent
-compilation cache directory (``jax_compilation_cache_dir``, min compile time 0): the first (cold)
-fills it, the second (warm) reads it; both report trace_lower_s and compile_s.
-``--profile`` adds, per configuration, a breakdown of the steady epoch by timing ablations: each
-variant is a full epoch (``lax.scan`` over the same batches) of a modified step, compiled and timed
-the same way (see :func:`profile_epoch`).
-``--trace`` adds, per configuration, a JAX profiler trace of one steady epoch and one evaluation,
-summed by operation family and kind (:mod:`experiments.trace_summary`): which kernels the device time
-goes to, and how much of the window the device was busy at all.
-``--patch`` applies named experimental monkeypatches (:data:`PATCHES`) inside the benchmark process
-only, to measure a candidate change to lgmrec_jax before it is made; the library is never edited.
+Each configuration (dataset x kernel x precision x patch set) runs in its own process. Results go to
+``<out>/bench_<tag>.{json,md}`` with machine, versions, commit and command; ``--append`` adds to an
+existing report, which is otherwise refused. ``--scales`` adds Clothing scaled up or down,
+``--compile_only`` sizes a program without training it, ``--profile`` times ablations of the step,
+``--trace`` sums a profiler trace (experiments/trace_summary.py), and ``--patch`` measures a named
+candidate change (:data:`PATCHES`) inside the benchmark process only. ``--helpfull`` lists the rest.
 """
 
 from __future__ import annotations
@@ -75,9 +37,9 @@ from lgmrec_jax.configs import default as default_config  # no jax: the config m
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_NAMES = ("tiny", "default", "baby", "sports", "clothing")
-# The authors' PyTorch code on this project's 2-core CPU machine (issue #5), baby scale, steady state.
+# The authors' PyTorch code on this project's 2-core CPU machine, baby scale, steady state.
 REFERENCE_CPU = {"synthetic_baby": {"epoch_s": 45.0}}
-# The authors' code on one H100 at clothing scale (issue #5), steady state.
+# The authors' code on one H100 at clothing scale, steady state.
 REFERENCE_GPU = {"synthetic_clothing": {"epoch_s": 3.0, "eval_s": 4.7}}
 RESULT_FIELDS = ("dataset", "kernel", "matmul_precision", "n_users", "n_items", "n_train", "n_batches",
                  "setup_s", "compile", "first_epoch_s", "epoch_s", "epoch_times_s", "sampler_s",
@@ -154,7 +116,7 @@ def parse_scaled(name: str) -> Optional[Scaled]:
 
 
 def scaled_preset(scaled: Scaled):
-    from data_prep import synthetic
+    from lgmrec_jax import synthetic
 
     base = synthetic.PRESETS["clothing"]
     dims = scaled.feature_dims or (base.image_dim, base.text_dim)
@@ -172,7 +134,7 @@ def load(name: str, data_dir: str):
     scaled = parse_scaled(name)
     if scaled is None:
         return load_dataset(data_dir, name), configs.for_dataset(name)
-    from data_prep import synthetic
+    from lgmrec_jax import synthetic
 
     out_dir = os.path.join(os.path.abspath(data_dir), name)
     if not os.path.isdir(out_dir):
@@ -198,7 +160,7 @@ def undo_patches() -> None:
 
 
 def _patch_infonce_vmap():
-    """losses.infonce as it was before commit 40bac1c: a per-row function (logsumexp over all
+    """losses.infonce as a per-row function (logsumexp over all
     candidates, which subtracts the row max) vectorised with jax.vmap. Kept to measure that
     change against the current code in one run."""
     import jax
@@ -334,7 +296,7 @@ def _patch_feature_matmul_autodiff():
 
 
 def _patch_unpruned_top_k():
-    """evaluation.grouped_top_k without the pruned selections on CPUs (as before commit 6dbd152):
+    """evaluation.grouped_top_k without the pruned selections on CPUs:
     the group maxima in total order and two plain top-ks. Kept to measure that change in one run."""
     import functools
 
@@ -344,8 +306,8 @@ def _patch_unpruned_top_k():
 
 
 def _patch_wait_each_split():
-    """evaluation.map_splits waiting for each sequential split before dispatching the next (as
-    before commit 36ba69a; accelerators only: CPUs evaluate the splits from threads)."""
+    """evaluation.map_splits waiting for each sequential split before dispatching the next
+    (accelerators only: CPUs evaluate the splits from threads)."""
     import jax
 
     from lgmrec_jax import evaluation
@@ -416,7 +378,7 @@ def cpu_model() -> str:
 def machine() -> dict:
     import jax
 
-    from lgmrec_jax.run import versions
+    from lgmrec_jax.workdir import versions
 
     dev = jax.devices()[0]
     try:
@@ -1023,7 +985,7 @@ def run_benchmark(settings: Settings, argv: Optional[list] = None) -> dict:
         raise BenchError(f"{json_path} exists: --append adds this command's results to it; for a new report "
                          f"pass another --tag or --out, or move it away")
     if report is None:
-        report = {"issue": 5, "machine": current, "runs": [], "results": [], "compile_cache": [],
+        report = {"machine": current, "runs": [], "results": [], "compile_cache": [],
                   "reference": {"cpu": REFERENCE_CPU, "gpu_h100": REFERENCE_GPU}}
     run = {"command": " ".join(argv) if argv else None, "started": now(), "settings": dataclasses.asdict(settings),
            "device": current["device_kind"], "versions": current["versions"],

@@ -1,34 +1,14 @@
-"""Grid throughput (issue #4): configs per hour for K same-shape configs in one program, against
-running them one after another, and the grid's step time over 1, 2 and 4 devices.
+"""Grid throughput: configs per hour for K same-shape configs in one program, against running them
+one after another, and the grid's step time over 1, 2 and 4 devices.
 
     python -m experiments.bench_grid                                   # CPU: synthetic, K = 1, 4, 16, 64
-    python -m experiments.bench_grid --dataset=synthetic_clothing --sizes=1,4,16 --tag=gpu   # accelerator
+    python -m experiments.bench_grid --dataset=synthetic_clothing --sizes=1,4,16 --tag=gpu
     python -m experiments.bench_grid --seed_check --dataset=synthetic_baby --seed_check_epochs=3
 
-``--seed_check`` runs the done-criterion check instead of the timings: the shipped ``seeds`` grid
-(8 seeds, one setting) as one program, then 8 single runs (lgmrec_jax.run.train_and_evaluate) with
-the same config and seeds, ``--seed_check_epochs`` epochs each, and compares every seed's
-summary.json and metrics.jsonl; it records the differences (largest relative loss difference,
-largest metric difference, whether best epochs and rounded metrics are identical) and both wall
-times. Each invocation updates its own section of the result files.
-
-What is measured (wall-clock seconds, device work synchronised, after one untimed epoch that
-compiles; medians over ``--epochs`` epochs):
-  single      one config as a single run (lgmrec_jax.run.Experiment): train epoch (host sampling,
-              transfer, the compiled scan) and evaluation (valid + test); one after another, K
-              configs cost K times this
-  group K     K configs with different seeds and alphas as one program (lgmrec_jax.multi), per
-              ``--batchings``: map (configs one after another inside the program), vmap (batched),
-              vmap_columns (vmap with each sparse propagation once over all configs' columns): the
-              epoch of all K (K samplers on the host, one compiled scan) and the evaluation of all K
-  ratio       group epoch time / single epoch time: below K the shared program pays
-  configs/h   3600 * K / ((train + eval) * nominal_epochs), with ``--nominal_epochs`` (default 50,
-              about where the reference's baby run stops) epochs per config
-  devices D   K = ``--device_configs`` configs spread over D local devices (pmap of the group
-              program, ``--device_batching``): time per training step (epoch / batches). On CPU the devices are fake
-              (``--xla_force_host_platform_device_count``) and share the same cores: the numbers
-              check the path, not a speed-up.
-Results: ``<out>/bench_grid_<tag>.json`` and ``.md``, with the machine and the command.
+Per ``--batchings`` (map, vmap, vmap_columns): the epoch and evaluation of a group of K against one
+single run, their ratio, and configs per hour at ``--nominal_epochs`` epochs per config.
+``--seed_check`` instead trains the ``seeds`` grid and the same seeds as single runs and records how
+they differ. Results: ``<out>/bench_grid_<tag>.{json,md}``, one section per invocation.
 """
 
 from __future__ import annotations
@@ -344,7 +324,7 @@ def read_result(json_path: str) -> dict:
 
 
 def write_result(result: dict, json_path: str, md_path: str) -> None:
-    from lgmrec_jax.run import write_json_atomic
+    from lgmrec_jax.workdir import write_json_atomic
 
     os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
     write_json_atomic(json_path, result)  # a killed write leaves the earlier sections whole

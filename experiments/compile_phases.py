@@ -1,16 +1,12 @@
 """Where XLA's compile time goes, from its own timers in a log.
 
-    TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,nvptx_compiler=1,... \\
+    TF_CPP_MIN_LOG_LEVEL=0 TF_CPP_VMODULE=gpu_compiler=1,nvptx_compiler=1,... \
         python -m experiments.bench --presets=clothing --compile_only --out=/tmp/phases --append 2> compile.log
     python -m experiments.compile_phases compile.log --program=jit_run_epoch
 
-XLA's compilers time their phases with scoped timers that log, at verbosity 1 of the compiler's own
-source file, lines such as ``I... gpu_compiler.cc:1269] Running HLO passes on [jit_run_epoch] for
-GPU time: 3.21 s (3210000 us) (cumulative: ...)``. This sums those lines by phase (the label with the
-program's name taken out) and prints a Markdown table, longest first. Phases nest (a whole compile
-contains its HLO passes), so the rows do not add up to the compile time. ``--program`` keeps the
-phases of one program and those that name none. device_check.sh's ``phases`` stage runs it on the
-GPU; the first session with a GPU will see which labels its XLA prints.
+XLA's compilers log scoped timers (``Running HLO passes on [jit_run_epoch] for GPU time: 3.21 s``) at
+verbosity 1 of their source files; this sums them by phase and prints a Markdown table, longest first.
+Phases nest, so the rows do not add up to the compile time. ``--program`` keeps one program's phases.
 """
 
 from __future__ import annotations

@@ -84,8 +84,8 @@ stage() {  # stage NAME SECONDS COMMAND...: runs it under min(cap, time left), o
   log "stage $name: exit $rc after $((SECONDS - start)) s"
   return $rc
 }
-# The committed GPU results are the start of this session's: bench's --append adds its runs to them, so
-# the bench_gpu.json that comes back holds every session's (each run names its device and versions).
+# The committed GPU results are the start of this call's: bench's --append adds its runs to them, so
+# the bench_gpu.json that comes back holds every earlier run too (each names its device and versions).
 [ -f experiments/results/bench_gpu.json ] && [ ! -f "$OUT/bench_gpu.json" ] && [ "${LGMREC_SMOKE:-0}" != 1 ] \
   && cp experiments/results/bench_gpu.json "$OUT/bench_gpu.json"
 BENCH="$PY -m experiments.bench --data_dir=$DATA --out=$OUT --tag=gpu"  # word-split on purpose: no spaces

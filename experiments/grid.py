@@ -1,58 +1,16 @@
-"""Grid engine: trains every config of a grid, batching same-shape configs into one program.
+"""Trains every config of a grid, same-shape configs together as one compiled program.
 
     python -m experiments.grid --grid=alpha --dataset=synthetic_baby
     python -m experiments.grid --grid=ablation --dataset=baby --data_dir=./data --seeds=0,1,2
     python -m experiments.grid --grid=search --dataset=clothing --grid_shard=3/640   # array job 3 of 640
-    python -m experiments.grid_merge --workdir=runs/grid/search/clothing             # join the shards
 
-A grid is a Python file under ``experiments/grids/`` (or any path ending in ``.py``) with a
-``sweep(add)`` or ``sweep(add, ctx)`` function; each ``add(key=value, ..., label=...)`` adds one
-config: the dataset's config (``lgmrec_jax/configs``, then ``--config.KEY=VALUE``) updated with
-those keys. ``ctx.dataset``, ``ctx.config_name`` and ``ctx.base`` describe what it runs on. Keys
-are checked against ``lgmrec_jax/configs/default.py``: an unknown key is an error naming it.
-``--seeds=0,1,2`` runs every added config that sets no seed once per seed; ``--dry_run`` lists a
-shard's program groups without training.
-
-Execution (``--mode=group``, the default): configs that differ only in per-config values (seed,
-alpha, keep_rate, cl_weight, reg_weight, learning_rate, tau, epochs, stopping_step) form a group,
-trained together as one compiled program (``lgmrec_jax/multi.py``: stacked on a device, pmapped
-over ``--devices``), each with its own early stopping; each config lives on one device, so its
-recorded config says ``num_devices=1``. ``--batching`` picks how a group's configs share a step:
-``map`` (default: one after another inside the program; bitwise the single runs' numbers),
-``vmap`` (batched; equal to float32 reassociation per step) or ``vmap_columns`` (vmap, and each
-sparse propagation once over all configs' columns); experiments/results/bench_grid_cpu.md measures
-them (on the 2-core CPU none beats one-after-another beyond noise; a GPU measurement is pending).
-Groups of other shapes (layers, hyper_num, the ablation switches) run one after another as separate programs, and JAX's persistent compilation cache
-(``--compilation_cache_dir``) keeps compiled programs across groups, shards and reruns.
-``--mode=sequential`` runs each config as a plain single run (lgmrec_jax.run) instead.
-
-Outputs in ``--workdir`` (default ``runs/grid/<grid>/<dataset>``):
-  grid.json                  the grid: name, dataset, overrides, seeds (and its configs, up to 10,000)
-  configs/<id>/              one single-run workdir per config: config.json, metrics.jsonl,
-                             summary.json (readable by ``python -m lgmrec_jax.report``)
-  groups/<gid>/checkpoints/  orbax checkpoints of a group's stacked state (resume)
-  results.csv                one row per config (every seed)
-  results.md                 mean ± std over seeds per setting, the best setting marked
-  <param>.png                valid/test Recall@20 against each swept parameter, error bars over
-                             seeds (with matplotlib); settings.png when no parameter plots alone
-A killed grid rerun with the same command skips finished configs and resumes unfinished groups
-from their checkpoints; ``--restart`` discards them (with ``--grid_shard``, only that shard's; it
-deletes only the files above, and refuses a workdir that holds anything else). A workdir of another
-grid, dataset, ``--mode`` or ``--emulate_precision`` is refused, and so is another ``epochs`` for a
-group whose configs have all finished (a group is not extended then; ``--mode=sequential`` runs are,
-like single runs).
-
-Sharding: ``--grid_shard=i/n`` (0-based i) runs shard i of n, a contiguous block of the configs
-ordered by program (same-shape configs stay together), and writes its tables to
-``shards/<i>-of-<n>/``; ``python -m experiments.grid_merge`` joins the shards, from one shared
-workdir or from several copied back from other hosts.
-Several hosts at once: ``--coordinator_address=host:port --num_processes=P --process_id=p`` calls
-``jax.distributed.initialize``; process p then runs shard p of P (of ``--grid_shard`` if given) on
-its local devices, with its own checkpoints (tested with two local CPU processes).
-
-Selection: the best setting is the one with the best mean *validation* metric (``valid_metric``,
-Recall@20). The reference's ``quick_start`` keeps the combination with the best *test* Recall@20
-(SPEC §4.6), i.e. it selects on the test set; results.md names that pick too, for comparison only.
+A grid is a file under ``experiments/grids/`` (or any ``.py`` path) with ``sweep(add)`` or
+``sweep(add, ctx)``; each ``add(key=value, ...)`` is the dataset's config with those keys. Configs that
+differ only in per-config keys train as one program (lgmrec_jax.multi; ``--batching=map`` is bitwise the
+single runs), the others one after another through the compilation cache; ``--mode=sequential`` runs
+plain single runs. Each config gets a single run's workdir under ``configs/<id>/``; ``results.csv``,
+``results.md`` and a plot per swept key sum up (selection by validation). A rerun resumes; shards
+(``--grid_shard``, or one per process under ``jax.distributed``) are joined by experiments/grid_merge.py.
 """
 
 from __future__ import annotations
@@ -394,7 +352,7 @@ def refuse_other_grid(workdir: str, before: dict, manifest: dict) -> None:
 
 def write_json_unique(path: str, payload) -> None:
     """Atomic JSON write that shards writing the same file at once cannot garble."""
-    from lgmrec_jax.run import write_json_atomic
+    from lgmrec_jax.workdir import write_json_atomic
 
     write_json_atomic(path, payload, tmp=f"{path}.{os.getpid()}.{socket.gethostname()}.tmp")
 
@@ -439,7 +397,7 @@ def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, de
               restart, eval_chunk, stop_after_epochs, plots, batching, emulate_precision=None) -> dict:
     import jax
 
-    from lgmrec_jax import distributed, multi, run as run_lib
+    from lgmrec_jax import distributed, multi, run as run_lib, workdir as workdir_lib
     from lgmrec_jax.data import load_dataset
 
     if mode not in MODES:
@@ -475,8 +433,8 @@ def _run_grid(name, dataset, data_dir, workdir, base_overrides, seeds, shard, de
     if restart and os.path.isdir(workdir):
         if whole_restart:
             try:
-                run_lib.clear_for_restart(workdir, GRID_OUTPUTS, suffixes=(".png",))
-            except run_lib.RunError as err:
+                workdir_lib.clear_for_restart(workdir, GRID_OUTPUTS, suffixes=(".png",))
+            except workdir_lib.RunError as err:
                 raise GridError(str(err)) from None
         else:  # only this shard's configs and groups: other shards may share the workdir
             for path in [config_dir(workdir, p.cid) for p in mine] + [os.path.join(workdir, "groups", g)

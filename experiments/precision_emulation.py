@@ -2,27 +2,12 @@
 
     python -m experiments.precision_emulation            # both goldens, every emulated algorithm
 
-On a CPU every float32 product is computed in float32 whatever precision is asked (XLA:CPU ignores
-the bfloat16 multi-pass algorithms; JAX refuses TF32 there), so a CPU cannot show what TF32 on a GPU or
-one bf16 pass on a TPU does to the numbers. This tool replaces the CPU's lowering of ``dot_general``
-with an emulation of the algorithms that accelerators run, and replays the goldens under each
-(``lgmrec_jax.parity.replay``: forward, losses, gradients, one Adam step, evaluation):
-
-  TF32_TF32_F32      one TF32 pass: operands rounded to 11 significant bits (a GPU's "default")
-  TF32_TF32_F32_X3   operands split into two TF32 parts; three products (hi*lo + lo*hi + hi*hi)
-  BF16_BF16_F32      one bfloat16 pass (8 significant bits; a TPU's "default")
-  BF16_BF16_F32_X3   three parts' products (a TPU's "high")
-  BF16_BF16_F32_X6   six (a TPU's "highest"; also an option on GPUs)
-
-Each product of parts is exact in float32 (at most 22 significant bits), and XLA:CPU accumulates it
-in float32, as the tensor cores do. What is assumed, not known to match a given device: parts rounded
-to nearest (TF32 ties away from zero, as PTX's cvt.rna.tf32.f32; bfloat16 ties to even; some of
-XLA's rewrites truncate instead), and the partial products summed smallest first, a non-finite sum
-of the smaller ones set to zero before hi*hi is added (as XLA's multi-pass rewrites do), each in
-float32 in XLA:CPU's order within a product. What a real device gives is measured by ``python -m
-lgmrec_jax.parity --matmul_precision=...`` on it (``experiments/device_check.sh`` stage ``parity``);
-this is the estimate before one is at hand. Integer products are never emulated.
-
+A CPU computes every float32 product in float32 whatever precision is asked, so this replaces its
+lowering of ``dot_general`` by an emulation of the accelerators' algorithms (TF32_TF32_F32 and its X3
+form, BF16_BF16_F32 and its X3 and X6 forms: operands split into TF32 or bf16 parts, each product of
+parts exact in float32, float32 accumulation, smallest products first) and replays the goldens under
+each. Assumed, not known to match a device: the rounding of the parts and the order of the sums.
+``python -m lgmrec_jax.parity --matmul_precision=...`` on the device measures the real thing.
 Writes ``<out>/precision_emulation_<tag>.{json,md}``.
 """
 

@@ -1,41 +1,15 @@
-"""Issue #7: inject each fault many times into real CLI runs and write experiments/results/reliability.md.
+"""Injects each fault many times into real runs and writes experiments/results/reliability.md.
 
-    python -m experiments.reliability                       # about 6 minutes on the 2-core CPU
+    python -m experiments.reliability
     python -m experiments.reliability --random_kills=40 --repeats=5 --workers=2
 
-Every run is ``python -m lgmrec_jax.train --dataset=synthetic_tiny --data_dir=D --workdir=W`` (the tiny
-config: 6 epochs, early stopping, a checkpoint per epoch, 2 kept plus the best), CPU, seed 999. An
-uninterrupted run is the reference; after each fault the same command is run again (without the fault)
-until it finishes, and its summary.json and metrics.jsonl are compared with the reference's, wall-time
-fields (total_wall_s, train_s, eval_s) left out. The faults:
-
-  random SIGKILL          a SIGKILL at a uniformly random moment of the whole run (import, compile,
-                          epochs, evaluation, saves, deletions, summary), then again at a random moment
-                          of the resumed run (up to --max_kills per trial) until one run finishes
-  random SIGKILL, epochs  the same, with the moment drawn from the epochs phase only (after the first
-                          epoch's log line), where the checkpoint saves and deletions are
-  SIGKILL at <point>      LGMREC_FAULT=kill:<point>:<epoch> (run.py) at a random epoch: mid-epoch,
-                          mid-evaluation, inside a save (files written, not committed), after a save
-                          before its metrics line, inside a metrics line, before summary.json commits
-  full disk at <write>    LGMREC_FAULT=enospc:<write>:<epoch>: OSError(ENOSPC) at a save, a metrics
-                          line (after half of it) or summary.json
-  file size limit         a real failing write: RLIMIT_FSIZE set to a random 2-20 kB (EFBIG from the
-                          kernel inside orbax/TensorStore), then the same command without the limit
-  NaN in loss / params    LGMREC_FAULT=nan:loss:<epoch>:<step> / nan:params:<epoch>: must exit 3 with
-                          the epoch and step, summary.json status non_finite; rerun without the fault
-  corrupted checkpoint    one file of the newest checkpoint deleted, emptied, cut in half or with one
-                          bit flipped; the run must resume from the newest good one (and say so)
-  no good checkpoint      every checkpoint's state deleted, or checkpoints/ removed: must be refused
-                          (exit 2) without --restart and leave the files alone; --restart then runs
-  unwritable workdir      the workdir below a regular file, or in /sys: exit 2 before compiling,
-                          nothing created (as root, permission bits cannot make a directory read-only)
-  second run              a second identical command while the first runs on the same workdir: refused
-                          (exit 2); the first finishes with the reference results
-  hostile dataset         each case of HOSTILE (below): exit 2 with one line naming the file, no
-                          traceback, no workdir; or, for valid input, a run that matches the reference
-
-"Data lost" counts trials where, right after the fault, the workdir held no restorable checkpoint of
-an epoch that metrics.jsonl had already recorded, or where a finished rerun differs from the reference.
+Each trial runs ``python -m lgmrec_jax.train --dataset=synthetic_tiny`` with a fault, then the same
+command again until it finishes, and compares summary.json and metrics.jsonl (timings left out) with
+an uninterrupted run's. Faults: SIGKILL at random moments and at each named point (lgmrec_jax/faults.py),
+a full disk and a file size limit at each write, NaN losses and parameters, corrupted and missing
+checkpoints, an unwritable workdir, a second run on the same workdir, and hostile datasets
+(:data:`HOSTILE`). "Data lost" counts trials where an epoch metrics.jsonl had recorded had no
+restorable checkpoint, or a finished rerun differs.
 """
 
 from __future__ import annotations
@@ -62,8 +36,9 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from lgmrec_jax.records import strip_timing
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ("train_s", "eval_s", "time_s", "total_wall_s")
 KILL_POINTS = ("train", "eval", "save", "saved", "metrics", "summary")
 ENOSPC_POINTS = ("save", "metrics", "summary")
 
@@ -330,14 +305,6 @@ class Harness:
         return "in an epoch or evaluation"
 
 
-def strip_timing(obj):
-    if isinstance(obj, dict):
-        return {k: strip_timing(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [strip_timing(v) for v in obj]
-    return obj
-
-
 Outcome = collections.namedtuple("Outcome", "fault survived equal lost note na",
                                  defaults=(None, False, "", "n/a (refused, nothing written)"))
 
@@ -561,7 +528,7 @@ def render(outcomes: list[Outcome], landings: collections.Counter, settings: dic
         if o.note:
             row["notes"].append(o.note)
     lines = [
-        "# Reliability: faults injected into real runs (issue #7)",
+        "# Reliability: faults injected into real runs",
         "",
         f"Measured {settings['date']} on {settings['machine']} (CPU backend, jax {settings['jax']}, orbax-checkpoint "
         f"{settings['orbax']}), {wall_s / 60:.1f} min, with",

@@ -333,7 +333,7 @@ def write_outputs(workdir_root: str, payload: dict) -> None:
 
 def request_from_flags(values) -> dict:
     """The flags as a request for :func:`reproduce`, after checking them."""
-    from data_prep.synthetic import PRESETS
+    from lgmrec_jax.synthetic import PRESETS
     from lgmrec_jax import configs
 
     datasets = [name.strip() for name in values.datasets.split(",") if name.strip()]

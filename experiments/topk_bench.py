@@ -22,7 +22,7 @@ from absl import app, flags
 
 from experiments import bench
 from lgmrec_jax import cli
-from lgmrec_jax.run import write_json_atomic
+from lgmrec_jax.workdir import write_json_atomic
 
 METHODS = ("scores", "direct", "grouped", "grouped_pruned")
 FLAGS = flags.FLAGS

@@ -1,28 +1,14 @@
-"""A PyTorch cost proxy for the authors' code: the reference's way of running, timed on our machines.
+"""A PyTorch cost proxy for the authors' code: SPEC.md §2-§5 run the reference's way, timed here.
 
     python -m experiments.torch_proxy --golden=../shared/golden/lgmrec_fixed.npz     # does it compute LGMRec?
     python -m experiments.torch_proxy --datasets=synthetic_baby --epochs_to_time=2 --eval_repeats=3
 
-Issue #5 states the authors' CPU train epoch at Baby's shapes (about 45 s on this project's 2-core
-machine) but no CPU evaluation time, and its 5x evaluation goal needs one. The authors' code is not part
-of this project, so this module is a second implementation of SPEC.md §2-§5 in PyTorch, written from
-the spec, that executes the way the spec says the reference does:
-
-  * eager PyTorch, ``torch.sparse`` COO products, float32;
-  * one full-graph forward (fresh Gumbel noise and dropout) per 2,048-row training batch, backward,
-    ``torch.optim.Adam``; each epoch reshuffles the rows and draws every negative in a Python loop
-    (uniform over the training items, redrawn while it is one of the user's training items, §2.6);
-  * evaluation per 4,096-user block: a full forward with fresh Gumbel noise and no dropout, the block's
-    scores against all items, training items set to -1e10, ``torch.topk`` of 50, and the hits marked
-    in a Python loop over users (§5, §6.3) before the metrics.
-
-``--golden`` replays a golden file (the authors' recorded forward, losses, gradients, scores, top-50
-lists and metrics) through this implementation, so it is checked to compute the same model. Its
-train epoch set against the issue's 45 s then says how close its cost is to the authors' code, and
-its evaluation time is the estimate the CPU goal is measured against. It is a proxy, and the report
-says so. ``--device=cuda`` runs the same on a GPU.
-
-Results go to ``<out>/torch_proxy_<tag>.json`` and ``.md``. torch is an optional extra (``proxy``).
+Where no figure of the authors' code exists for a machine, this second implementation (written from
+the spec, not from their code) runs as the spec says the reference does: eager PyTorch with
+``torch.sparse`` products; a full-graph forward per 2,048-row batch; negatives drawn in a Python loop;
+evaluation per 4,096-user block with ``torch.topk`` and a Python hit loop. ``--golden`` checks that it
+computes the reference's numbers. ``--device=cuda`` runs it on a GPU. Results:
+``<out>/torch_proxy_<tag>.{json,md}``. torch is the optional extra ``proxy``.
 """
 
 from __future__ import annotations
@@ -423,7 +409,7 @@ def markdown(report: dict) -> str:
              "`experiments/torch_proxy.py`: SPEC.md's model and protocol in eager PyTorch, run the way the spec "
              "says the authors' code runs (a full-graph forward per batch and per 4,096-user evaluation block, "
              "Python negative sampling, torch.topk, a Python hit loop). It replays the goldens "
-             "(`--golden`); it is not the authors' code. *reference* is the issue's figure for the authors' code "
+             "(`--golden`); it is not the authors' code. *reference* is the measured figure for the authors' code "
              "on this machine type, where one is given.", "",
              "| dataset | users | items | train rows | batches | torch threads | epoch (median) | epochs | "
              "eval valid+test (median) | evals | reference epoch | reference eval |",

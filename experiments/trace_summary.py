@@ -3,18 +3,10 @@
     python -m experiments.trace_summary /tmp/trace_dir            # the newest perfetto_trace.json.gz under it
     python -m experiments.bench --presets=clothing --trace ...    # the same summary inside a benchmark result
 
-``jax.profiler.trace(dir, create_perfetto_trace=True)`` writes ``perfetto_trace.json.gz``: Chrome trace
-events, among them one complete event (``"ph": "X"``) per executed XLA operation, with the HLO
-instruction in ``args.hlo_op``. On a GPU those are the kernels on the ``/device:GPU:N`` process (the
-host also logs the launches, which are left out here); on a CPU they are the thunks on the PjRt client's
-thread. This module sums their durations by operation *family* (the HLO name without its numeric
-suffix: ``loop_add_fusion.12`` -> ``loop_add_fusion``), sorts the families into coarse kinds by name
-(matmul, scatter, gather, reduce, sort, copy, other fusion), and compares the device's busy time with
-the traced window: a busy share far below 1 means launch gaps, i.e. the device waiting for the host or
-for small kernels' overheads (above 1: kernels overlapped on several streams).
-
-No tensorboard plugin is needed; the output is plain JSON (and a Markdown table) that a session without a
-GPU can read.
+Sums the executed XLA operations of a ``perfetto_trace.json.gz`` (the device's kernels on a GPU, the
+thunks on a CPU) by operation family (the HLO name without its numeric suffix) and by kind (matmul,
+scatter, gather, reduce, sort, copy, other fusion), and compares the device's busy time with the traced
+window: a busy share far below 1 means the device waited. Output: JSON and a Markdown table.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """Orbax checkpoints of a run: the latest few plus the best by the valid metric.
 
-A checkpoint at epoch e holds the train state (parameters and Adam state) as an array tree and a
-JSON block with everything else needed to continue: the epoch, the early-stopping state, the run's
-wall time so far, and the sampler/RNG state. The sampler and every key are pure functions of
-``(seed, epoch)`` (see trainer.stream_key), so that pair is the whole RNG state.
-
-Each save is atomic (orbax writes a temporary directory and renames it), so a kill during a save
-leaves the previous checkpoints intact; the temporary directory is removed when the directory is
-next opened. The training loops run the saves on a thread, one at a time and in order, while the
-next epoch trains (:class:`BackgroundSaver`). The JSON block also records a SHA-256 of the saved arrays, checked on
-restore: a truncated, deleted or bit-flipped file makes a checkpoint unreadable, never silently
-different. :meth:`Checkpoints.restore_latest` walks back from the newest step until one restores and
-moves the unreadable newer ones aside (to ``<directory>.unreadable/``), so the run can save those
-steps again.
+A checkpoint holds the train state as an array tree and a JSON block with the rest of what continuing
+needs (epoch, early-stopping state, wall time; the sampler and every key are functions of
+``(seed, epoch)``). Saves are atomic and run on a thread while the next epoch trains
+(:class:`BackgroundSaver`). The JSON block carries a SHA-256 of the arrays, checked on restore, so a
+damaged checkpoint is unreadable, never silently different; :meth:`Checkpoints.restore_latest` walks
+back to the newest one that restores and moves the unreadable ones aside.
 """
 
 from __future__ import annotations
@@ -48,8 +41,8 @@ SCORES_FILE = "scores.json"
 
 class LatestAndBest:
     """An orbax preservation policy: the latest ``keep`` steps, plus the step with the best valid value
-    when ``keep_best`` (ties keep the earliest, as early stopping does), over this session's saves and
-    the earlier sessions' alike (``scores``: step -> value, None for a save without one). A step absent
+    when ``keep_best`` (ties keep the earliest, as early stopping does), over this invocation's saves and
+    the earlier invocations' alike (``scores``: step -> value, None for a save without one). A step absent
     from ``scores`` (saved before the file existed) is kept: its value is unknown."""
 
     def __init__(self, keep: int, keep_best: bool, scores: dict):

@@ -204,7 +204,7 @@ def load_dataset(data_dir: str, name: str, generate_synthetic: bool = True) -> D
     """Loads ``<data_dir>/<name>``; ``synthetic*`` datasets are generated there on first use."""
     path = dataset_dir(data_dir, name)
     if generate_synthetic and name.startswith("synthetic") and not os.path.isfile(os.path.join(path, f"{name}.inter")):
-        from data_prep import synthetic  # local import: data_prep depends on this module
+        from lgmrec_jax import synthetic  # imported on first use: most runs read a dataset from disk
 
         try:
             synthetic.generate_named(name, data_dir)

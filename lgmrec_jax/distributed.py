@@ -1,18 +1,12 @@
 """Several processes (hosts) in one run or grid, with ``jax.distributed``.
 
-    python -m lgmrec_jax.train ... --coordinator_address=host0:1234 --num_processes=2 --process_id=0  # host 0
-    python -m lgmrec_jax.train ... --coordinator_address=host0:1234 --num_processes=2 --process_id=1  # host 1
-
-A single run (lgmrec_jax.run) is then one data-parallel program over every process's devices: each
-process feeds its own devices' rows of the batch, the graph and the features (lgmrec_jax.sharded),
-and the gradients are summed across all of them. Process 0 alone owns the workdir (lock, checkpoints,
-metrics, summary) and evaluates; it shares with the others what keeps every process's loop in step
-(:func:`broadcast_json`, :func:`broadcast_tree`: the restored state, each evaluation's metrics), so
-the other processes need no shared filesystem. Every process must be started with the same config and
-data: :func:`check_same_setup` compares them first and refuses a mismatch on every process. A grid
-(experiments/grid.py) instead gives each process its own shard of configs, each trained by that
-process alone (:func:`process_local`). On CPU the collectives go through gloo (tests/test_distributed.py
-runs two local processes); on GPUs through NCCL.
+A single run is one data-parallel program over every process's devices (lgmrec_jax.sharded). Process 0
+alone owns the workdir and evaluates; it broadcasts what keeps the other loops in step (the restored
+state, each evaluation's metrics), so the others need no shared filesystem, and
+:func:`check_same_setup` refuses processes started with another setup. A grid instead gives each
+process its own shard of configs (:func:`process_local`). Every wait on the other processes is
+guarded (:func:`waiting_for`): a peer that never arrives ends the wait with one line and exit status
+4, not a hang. Collectives go through gloo on CPUs and NCCL on GPUs.
 """
 
 from __future__ import annotations

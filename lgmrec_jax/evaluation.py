@@ -1,48 +1,15 @@
 """Full-ranking evaluation (SPEC §5) as one compiled, blocked top-k per split.
 
-Users of a split are taken in order of first appearance and cut into blocks of
-``eval_batch_size``. For every block the device scores the block's users against all items, sets the
-users' training items to -1e10, keeps the top 50 indices and marks which of them are the user's
-items in the split (a table of those items per block row). Only these (users x 50) booleans go to
-the host, which computes the metrics from them in float64 (at clothing's size: 3 ms per split instead
-of 41-115 ms for the lookups on the host). Memory is bounded by one (block x items) score matrix.
+A split's users, in order of first appearance, are cut into blocks of ``eval_batch_size``; per block
+the device scores all items, sets training items to -1e10, keeps the top 50 and marks the hits, so
+only (users x 50) booleans reach the host, which computes the metrics in float64. Memory is bounded
+by one (block x items) score matrix; inside a block ``eval_score_chunk`` users are scored at a time
+(256 on CPUs, where their scores stay in cache; the same lists).
 
-Noise modes (``eval_noise``):
-  "per_block"  faithful: fresh Gumbel noise for every block, as the reference recomputes
-               ``forward()`` for every 4,096-user batch (SPEC §3.6, §9.2). Default. Only the
-               hypergraph branch depends on the noise, so the noise-free rest of the forward is
-               computed once per split and each block reruns just that branch (same numbers).
-  "per_eval"   one noisy forward per split evaluation, shared by its blocks (a deviation).
-  "off"        one forward without Gumbel noise: deterministic evaluation (a deviation).
-
-The noise-free part of the forward depends on the parameters alone, so one evaluation computes it once
-(:func:`make_noise_free`) and hands it to both splits. On CPUs, run.Experiment.evaluate runs the two
-splits from threads of their own: XLA:CPU runs a top-k on one core and a program on the thread that
-calls it, so the splits' selections then use two cores (on this project's 2-core CPU, before the
-pruned selections, 0.68 s instead of 1.02 s per valid+test evaluation at Baby's shapes, medians of 3 in
-one process; the same programs, the same numbers).
-
-Score chunks (``eval_score_chunk``): inside a block, users are scored a chunk at a time
-(:func:`block_top_k`), each chunk's scores masked and cut to its top 50 before the next; the lists are
-the same whatever the chunk. On CPUs the default (-1) takes 256 users, whose (256 x items) scores stay in
-cache through the masking and the selections: on this project's 2-core CPU a valid+test evaluation at
-Baby's shapes took 0.55 s with chunks of 256 users, 0.57 s with 128, 0.70 s with 512 and 0.73 s with
-1,024 (medians of 7 in one process each, with the pruned selections; before them, 1.07 s with 256
-against 1.18 s for whole blocks). On accelerators it scores whole blocks, as measured on the H100
-(chunks there are unmeasured).
-
-Top-k methods (``eval_topk``):
-  "grouped"    exact, in two smaller selections (see grouped_top_k): the same indices as "direct".
-               Default. On CPUs each selection first drops the scores that cannot win
-               (pruned_grouped_top_k): on this project's 2-core CPU a valid+test evaluation took
-               0.509 s instead of 0.676 s with "direct" at Baby's shapes and 2.70 s instead of 3.35 s
-               at Clothing's (experiments/results/bench_cpu_topk.md, run 1). On an H100 at
-               Clothing's size, 0.048 s against 0.166 s (experiments/results/bench_gpu.md). TPUs are
-               unmeasured.
-  "direct"     jax.lax.top_k over all items.
-  "approx"     jax.lax.approx_max_k at recall target 0.95: TPUs run an approximate top-k (a
-               deviation: some true top-50 items may be missed); CPUs and GPUs select the exact
-               set, but order tied scores as they like when the catalogue has at most 50 items.
+``eval_noise``: "per_block" (the reference: fresh Gumbel noise per block; only the hypergraph branch
+is recomputed), "per_eval" (one draw per split) or "off". ``eval_topk``: "grouped" (exact, two smaller
+selections, pruned on CPUs; the same lists as "direct"), "direct" (``lax.top_k``) or "approx"
+(``lax.approx_max_k``, approximate on TPUs). Measurements: experiments/results/README.md.
 """
 
 from __future__ import annotations

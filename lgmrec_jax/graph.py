@@ -1,22 +1,13 @@
 """Graph matrices of LGMRec and the one propagation function (SPEC §3.3).
 
-Both matrices are built once on the host from the training pairs, in float64 where the reference
-computes in float64, and held as row-sorted ``jax.experimental.sparse.BCOO``:
+Built once on the host from the training pairs (float64 where the reference computes in float64) and
+held as row-sorted BCOO: ``R`` (U x I, 1.0 per training row, duplicates summing) and ``A_hat``
+(D^-1/2 A D^-1/2 of the bipartite adjacency of distinct pairs, D = diag(deg + 1e-7)).
 
-  R      (U x I)  1.0 per training row; duplicate pairs stay separate entries, so they sum.
-  A_hat  (N x N)  D^-1/2 A D^-1/2 of the symmetric bipartite adjacency of distinct pairs,
-                  D = diag(deg + 1e-7); isolated nodes keep all-zero rows and columns.
-
-``propagate(matrix, x, kernel)`` multiplies a sparse matrix by a dense block with one of three kernels:
-``"bcoo"`` (BCOO matmul, gather + scatter-add), ``"segment_sum"`` (gather, then a sorted
-``segment_sum`` over the row indices, as in jraph's message passing), or ``"ell"``: the rows grouped
-by degree into a few ELLPACK blocks (each row's entries padded to its block's width, a power of two:
-about 1.3-1.4x the entries in all), so that a product is a gather and a dense row sum per block, with
-no scatter-add (whose float atomics serialise on rows of high degree on a GPU, and which TPUs execute
-slowly); its gradient uses the transpose's own blocks (A_hat's are its own). All three give the same
-values and gradients up to float32 summation order; the default is chosen by measurement
-(experiments/bench.py). ``"ell"`` needs the graph built for it (``build_graph(..., kernel="ell")``:
-:class:`EllMatrix` in place of the BCOO matrices) and treats the matrix as a constant.
+``propagate(matrix, x, kernel)``: "segment_sum" (gather, then a sorted segment sum: the default),
+"bcoo" (BCOO matmul) or "ell" (rows blocked by degree into ELLPACK blocks: gathers and dense row
+sums, no scatter-add; needs ``build_graph(..., kernel="ell")``). All three agree up to float32
+summation order.
 """
 
 from __future__ import annotations

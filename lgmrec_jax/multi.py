@@ -1,38 +1,13 @@
-"""Many same-shape configs trained together as one compiled program (the grid engine's core).
+"""Many same-shape configs trained together as one compiled program (the grid's group engine).
 
-Configs that differ only in per-config values (:data:`TRACED_KEYS` enter the program as (K,) arrays,
-:data:`HOST_KEYS` live on the host) share every array shape, so K of them are stacked along a
-leading axis and trained in lockstep: one ``lax.scan`` over the epoch's steps, each step running
-the single run's step (:func:`lgmrec_jax.trainer.make_train_step`, the same code) for every config,
-and across local devices ``pmap`` of that. Config k is built from its own seed exactly as a single
-run: initial parameters from ``stream_key(seed_k, INIT_STREAM)``, batches from
-``NegativeSampler(..., seed_k).epoch(e)``, step keys from ``stream_key(seed_k, TRAIN_STREAM, e)``
-folded with the step, evaluation keys from ``stream_key(seed_k, EVAL_STREAM, e)``.
-
-How the configs share a step (``batching``, :data:`BATCHINGS`):
-  map           one after another inside the program (``lax.map`` over the configs), a finished
-                config skipped by ``lax.cond``. With the traced keys on which the group agrees
-                compiled in as constants (:func:`uniform_values`), a config's numbers are bitwise
-                those of its single run (measured: the 8-seed grid on synthetic_tiny and on
-                synthetic_baby, experiments/results/bench_grid_cpu.md). A value that varies in the
-                group is traced, and XLA cannot fold it as it folds a single run's constant
-                (e.g. cl_weight into the InfoNCE gradient's 1/tau): equal to float32 reassociation.
-  vmap          batched with ``vmap``: a shared feature matrix times all configs' projection and
-                hyperedge weights is one matmul over their columns (JAX's batching of a dot with
-                one unbatched operand), the rest is batched per config. Equal to the single runs
-                to float32 reassociation per step; over epochs Adam's normalisation of
-                near-cancelling gradients lets the trajectories drift apart (measured on baby).
-  vmap_columns  vmap with :class:`ColumnOps`: each sparse propagation once over all configs'
-                columns, (n, K*d), instead of a gather/scatter with the config axis in its windows.
-A finished config is masked out (its state kept with ``jnp.where`` on an ``active`` vector) under
-vmap, and once at most half of a group's slots are active the group is repacked into a smaller
-program (``repack``), so finished configs stop costing compute after at most log2(K) recompiles.
-
-Each config keeps its own early stopping on the host and gets the files of a single run
-(``config.json``, ``metrics.jsonl``, ``summary.json``) in its own workdir; the stacked state of a
-group is checkpointed with orbax in the group's directory (by this process alone), with every
-config's early-stopping state and history in the checkpoint's JSON block, so a killed group resumes
-where it was. The host samples the next epoch's batches of all configs while the device trains.
+Configs that differ only in :data:`TRACED_KEYS` (per-config arrays in the program) and
+:data:`HOST_KEYS` share every shape, so K of them are stacked and trained in lockstep, each from its
+own seed exactly as its single run (parameters, batches, step and evaluation keys). ``batching``:
+"map" (one config after another inside the program: bitwise its single run), "vmap" (batched: equal
+to float32 reassociation per step) or "vmap_columns" (vmap with each propagation over all configs'
+columns). Finished configs are masked, and a group half empty is repacked into a smaller program.
+Each config keeps its own early stopping and a single run's files in its own workdir; the group's
+stacked state is checkpointed in the group's directory, so a killed group resumes.
 """
 
 from __future__ import annotations
@@ -52,6 +27,7 @@ import numpy as np
 
 from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import evaluation, losses, run as run_lib, sampler as sampler_lib, trainer
+from lgmrec_jax import workdir as workdir_lib
 from lgmrec_jax.data import Dataset
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.model import LocalOps, sample_noise
@@ -427,7 +403,7 @@ def train_group(members: list[Member], ds: Dataset, group_dir: str, n_devices: i
     if len(keys) != 1:
         raise GroupError("members of a group must differ only in " + ", ".join(PER_CONFIG_KEYS))
     checksums = ds.checksums() if checksums is None else checksums
-    workdirs = {m.cid: run_lib.Workdir(m.workdir) for m in members}
+    workdirs = {m.cid: workdir_lib.Workdir(m.workdir) for m in members}
     locked = []
     try:
         for m in members:
@@ -503,18 +479,18 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
             states, slots, progress, epoch = restored
         stoppers = {cid: (EarlyStopping.from_state_dict(p.stopper) if p.stopper
                           else EarlyStopping(by_id[cid].cfg.stopping_step)) for cid, p in progress.items()}
-        versions = run_lib.versions()
+        versions = workdir_lib.versions()
         for cid, p in progress.items():
             m = by_id[cid]
             if summaries[cid] is not None:
                 continue  # finished before: its files are final
-            run_lib.write_json_atomic(workdirs[cid].file("config.json"), {
+            workdir_lib.write_json_atomic(workdirs[cid].file("config.json"), {
                 "identity": identity_of(m.cfg, ds, checksums), "versions": versions,
                 "n_users": ds.n_users, "n_items": ds.n_items, **m.extra})
             workdirs[cid].rewrite_metrics(p.history)
             if p.status in FINAL_STATUSES and summaries[cid] is None:  # killed after its last checkpoint
                 summaries[cid] = _summary(m.cfg, ds, stoppers[cid], p)
-                run_lib.write_json_atomic(workdirs[cid].file("summary.json"), summaries[cid])
+                workdir_lib.write_json_atomic(workdirs[cid].file("summary.json"), summaries[cid])
         samplers = {cid: sampler_lib.NegativeSampler(ds.train, ds.n_items, by_id[cid].cfg.train_batch_size,
                                                      by_id[cid].cfg.seed) for cid in progress}
         epochs_this_call = 0
@@ -630,7 +606,7 @@ def _train_group(members, ds, group_dir, workdirs, n_devices, repack, eval_chunk
                 if progress[cid].status is None and epoch >= by_id[cid].cfg.epochs:
                     progress[cid].status = "max_epochs"  # epochs reached before this call
                     summaries[cid] = _summary(by_id[cid].cfg, ds, stoppers[cid], progress[cid])
-                    run_lib.write_json_atomic(workdirs[cid].file("summary.json"), summaries[cid])
+                    workdir_lib.write_json_atomic(workdirs[cid].file("summary.json"), summaries[cid])
                 else:
                     summaries[cid] = {"status": "interrupted", "epoch": epoch}
         return summaries
@@ -645,7 +621,7 @@ def _write_epoch_files(workdirs: dict, rows: dict, summaries: dict) -> None:
     for cid, row in rows.items():
         workdirs[cid].append_metrics(row)
     for cid, summary in summaries.items():
-        run_lib.write_json_atomic(workdirs[cid].file("summary.json"), summary)
+        workdir_lib.write_json_atomic(workdirs[cid].file("summary.json"), summary)
 
 
 def _restore(prog: MultiProgram, checkpoints: ckpt_lib.Checkpoints, members):

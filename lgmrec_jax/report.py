@@ -3,15 +3,10 @@
     python -m lgmrec_jax.report runs/baby            # table on stdout, runs/baby/curves.png
     python -m lgmrec_jax.report runs/baby --noplot   # table only
 
-The table shows status, best epoch, epochs run, wall time and the valid and test metrics at the
-best epoch (recall / ndcg / precision / map at 5, 10, 20, 50). A finished run is read from
-summary.json; a run still in progress (no summary.json yet, or one older than metrics.jsonl after a
-resume) is reported from metrics.jsonl: the best epoch so far, as the run's own early stopping
-recorded it in each line. With matplotlib installed (the ``[plot]`` extra) it also writes
-``WORKDIR/curves.png``: the epoch loss, and valid/test Recall@20 and NDCG@20 per epoch.
-
-Errors (missing workdir or metrics.jsonl, a corrupt JSON line) print one ``error: ...`` line to
-stderr and exit with status 2.
+The table: status, best epoch, epochs run, wall time, and the valid and test metrics at the best epoch.
+A finished run is read from summary.json, one in progress from metrics.jsonl (the best epoch so far,
+as its early stopping recorded it). With matplotlib (the ``[plot]`` extra) it writes ``curves.png``.
+A malformed workdir is one ``error: ...`` line, exit 2, with or without matplotlib.
 """
 
 from __future__ import annotations
@@ -24,6 +19,7 @@ from typing import Optional
 
 from absl import app, flags, logging
 
+from lgmrec_jax import records
 from lgmrec_jax.cli import fail, parse_flags
 
 METRICS = ("recall", "ndcg", "precision", "map")
@@ -110,32 +106,11 @@ def read_metrics(path: str) -> list[dict]:
                       f"newline: the run was stopped while appending it)", file=sys.stderr)
                 continue
             raise ReportError(f"{path} line {number}: not valid JSON ({err.msg})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
-            raise ReportError(f"{path} line {number}: expected a JSON object with an integer 'epoch'")
-        problem = row_problem(row)
+        problem = records.row_problem(row)  # checked on reading: a plot or none, the same refusal
         if problem:
             raise ReportError(f"{path} line {number}: {problem}; was it written by lgmrec_jax?")
         rows.append(row)
     return rows
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def row_problem(row: dict) -> Optional[str]:
-    """What is wrong with the fields of an epoch row of metrics.jsonl that the report reads (a loss
-    dict with its total; valid/test, where present, metric -> number), or None. Checked when the
-    file is read, so a malformed row is refused whether or not a plot is drawn."""
-    loss = row.get("loss")
-    if not isinstance(loss, dict) or not _is_number(loss.get("total")):
-        return "expected 'loss' to be an object with a number 'total'"
-    for split in ("valid", "test"):
-        if split in row and not (isinstance(row[split], dict) and all(map(_is_number, row[split].values()))):
-            return f"expected {split!r} to be an object of metric -> number"
-    if "best_epoch" in row and not isinstance(row["best_epoch"], int):
-        return "expected 'best_epoch' to be an integer"
-    return None
 
 
 def load_run(workdir: str) -> RunRecord:
@@ -197,7 +172,7 @@ def result_of(run: RunRecord) -> Result:
     stopped = run.summary if (run.summary or {}).get("status") == "non_finite" else None
     status = "non_finite" if stopped else "in progress"
     if run.summary is not None and not stopped:
-        status = "in progress (summary.json is from an earlier, shorter session)"
+        status = "in progress (summary.json is from an earlier, shorter invocation)"
     return Result(status=status, dataset=dataset, valid_metric=valid_metric,
                   best_epoch=best_epoch, epochs_run=len(run.rows), wall_s=summed_epoch_seconds(run.rows),
                   wall_is_estimate=True, best_valid=best_valid, best_test=best_test,

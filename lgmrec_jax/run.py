@@ -1,37 +1,21 @@
 """One training run in a workdir: train, evaluate, stop early, checkpoint, resume, write results.
 
-Data flow of an epoch e (see WORKSPACE.md):
-  host:   sampler.epoch(e) -> padded batches (one transfer per epoch)
-  device: run_epoch (lax.scan of train steps, state donated) -> new state, per-batch loss parts
-  device: evaluate_split(valid), evaluate_split(test) -> top-50 lists and their hits per block
-  host:   metrics from the hits, early stopping, one line of the log
-  thread: checkpoint of epoch e (while epoch e + 1 trains), then its line of metrics.jsonl
-
-Workdir files: config.json, metrics.jsonl, summary.json, checkpoints/, .lock (and
-checkpoints.unreadable/ when a checkpoint could not be restored).
-
-Faults (issue #7; experiments/results/reliability.md measures them): the workdir is locked (a second
-run is refused) and probed for writability before anything is compiled; checkpoints are atomic and
-carry a SHA-256 of their arrays, and a resume starts from the newest one that restores (unreadable
-newer ones are moved aside); metrics.jsonl is rewritten from the checkpoint's history on resume, so
-a kill between a save and the metrics line, or during that line, heals; summary.json exists only
-for a finished (or non-finite) run and is written atomically; a failing write stops the run with a
-one-line RunError and leaves the newest checkpoint as the resume point. ``LGMREC_FAULT`` (below)
-injects faults at chosen points for the tests.
+An epoch: the sampler's batches go to the device once; the runner's compiled ``lax.scan`` of train
+steps returns the new state; valid and test are evaluated; metrics and early stopping on the host;
+the checkpoint is written on a thread while the next epoch trains, then the epoch's row of
+metrics.jsonl. A resume starts from the newest checkpoint that restores and rewrites metrics.jsonl
+from its history, so a kill anywhere heals; summary.json exists only for a finished (or non-finite)
+run. The workdir itself (lock, identity, atomic writes) is lgmrec_jax.workdir.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
-import fcntl
-import glob
 import json
 import logging
 import os
 import shutil
-import signal
 import sys
 import time
 from typing import Optional
@@ -39,306 +23,19 @@ from typing import Optional
 import jax
 import numpy as np
 
-from lgmrec_jax import __version__
 from lgmrec_jax import checkpoint as ckpt_lib
-from lgmrec_jax import configs, distributed, evaluation, parallel, sampler as sampler_lib, trainer
+from lgmrec_jax import configs, distributed, evaluation, faults, parallel, sampler as sampler_lib, trainer
 from lgmrec_jax.data import Dataset, DatasetError
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
-
-# Keys whose change does not alter the numbers of a run (execution only): allowed on resume.
-EXECUTION_KEYS = ("checkpoint_every", "keep_checkpoints", "tensorboard", "epochs", "eval_score_chunk")
-# Config keys added after runs were made, with the values that do what those runs did before the key
-# existed: a workdir without the key resumes under them (and is refused under any other value).
-BEHAVIOUR_BEFORE_KEY = {"tau": (0.2,), "feature_dtype": ("float32",), "eval_topk": ("direct", "grouped")}
-
+from lgmrec_jax.workdir import RunError, Workdir, run_identity, versions, write_json_atomic
+from lgmrec_jax.workdir import BEHAVIOUR_BEFORE_KEY, identity_differences  # noqa: F401  TEMP-EXPORT
 
 FINISHED = ("early_stopped", "max_epochs")  # summary.json statuses of a run that ended normally
 
 
-class RunError(RuntimeError):
-    """A run cannot start or continue; the message is one line for the user."""
-
-
 class NonFiniteError(RuntimeError):
     pass
-
-
-# ---- Fault injection: tests/test_reliability.py and experiments/reliability.py only -----------------
-# LGMREC_FAULT holds comma-separated faults ACTION:POINT:EPOCH, EPOCH being the 0-based epoch index of
-# the log (``*`` = any). Unset, as in every real run, each hook below is a no-op.
-#   kill:train:E    SIGKILL halfway through epoch E's training steps
-#   kill:eval:E     SIGKILL after the valid split's metrics of epoch E's evaluation, before the test split's
-#   kill:save:E     SIGKILL inside the checkpoint save after epoch E: files written, not yet committed
-#   kill:saved:E    SIGKILL right after that save, before epoch E's metrics.jsonl line
-#   kill:metrics:E  SIGKILL with half of epoch E's metrics.jsonl line written
-#   kill:summary:E  SIGKILL with summary.json's temporary file written, before it replaces summary.json
-#   nan:loss:E[:S]  step S (default 0) of epoch E reports a NaN loss
-#   nan:params:E    a parameter is NaN after epoch E
-#   enospc:save:E, enospc:metrics:E, enospc:summary:E
-#                   OSError(ENOSPC) at that write (the save: at its commit; metrics: after half the line)
-FAULT_ENV = "LGMREC_FAULT"
-
-
-def fault(action: str, point: str, epoch: int) -> Optional[list]:
-    """The extra fields of the first matching fault in $LGMREC_FAULT ([] when none), or None."""
-    for spec in os.environ.get(FAULT_ENV, "").split(","):
-        parts = spec.strip().split(":")
-        if len(parts) >= 3 and parts[:2] == [action, point] and parts[2] in ("*", str(epoch)):
-            return parts[3:]
-    return None
-
-
-def _kill_at(point: str, epoch: int) -> None:
-    if fault("kill", point, epoch) is not None:
-        logging.warning("fault injection: SIGKILL at %s of epoch %d", point, epoch)
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _enospc_at(point: str, epoch: int, path: str) -> None:
-    if fault("enospc", point, epoch) is not None:
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (fault injection)", path)
-
-
-class _FaultInSave:
-    """kill:save:E / enospc:save:E: replaces orbax's commit rename for the duration of one save."""
-
-    def __init__(self, epoch: int):
-        self.kill = fault("kill", "save", epoch) is not None
-        self.enospc = fault("enospc", "save", epoch) is not None
-        self.epoch = epoch
-
-    def __enter__(self):
-        if self.kill or self.enospc:
-            from orbax.checkpoint._src.path import async_path  # the rename that commits a step
-
-            self.module, self.original = async_path, async_path.rename
-
-            async def rename(src, dst):
-                if self.kill:
-                    logging.warning("fault injection: SIGKILL inside the save of epoch %d", self.epoch)
-                    os.kill(os.getpid(), signal.SIGKILL)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (fault injection)", str(dst))
-
-            async_path.rename = rename
-        return self
-
-    def __exit__(self, *exc):
-        if self.kill or self.enospc:
-            self.module.rename = self.original
-
-
-def _inject_nan(parts: np.ndarray, state, epoch: int):
-    extra = fault("nan", "loss", epoch)
-    if extra is not None:
-        parts = parts.copy()
-        parts[int(extra[0]) if extra else 0, 0] = np.nan
-    if fault("nan", "params", epoch) is not None:
-        leaves, treedef = jax.tree_util.tree_flatten(state.params)
-        leaves[0] = np.full(np.shape(leaves[0]), np.nan, np.asarray(leaves[0]).dtype)
-        state = state._replace(params=jax.tree_util.tree_unflatten(treedef, leaves))
-    return parts, state
-# ---- End of fault injection ------------------------------------------------------------------------
-
-
-def versions() -> dict:
-    import flax
-    import optax
-    import orbax.checkpoint
-
-    try:  # jaxlib's own module: jax.lib's re-export of the version is not kept across releases
-        import jaxlib
-        jaxlib_version = getattr(jaxlib, "__version__", None)
-    except ImportError:
-        jaxlib_version = None
-    return {"lgmrec_jax": __version__, "jax": jax.__version__, "jaxlib": jaxlib_version,
-            "flax": flax.__version__, "optax": optax.__version__,
-            "orbax_checkpoint": orbax.checkpoint.__version__, "numpy": np.__version__,
-            "python": sys.version.split()[0], "backend": jax.default_backend()}
-
-
-def run_identity(cfg, ds: Dataset) -> dict:
-    return {"dataset": ds.name, "config": cfg.to_dict(),
-            "dataset_files": ds.checksums() if ds.path else {}}
-
-
-def identity_differences(old: dict, new: dict) -> list[str]:
-    diffs = []
-    if old.get("dataset") != new["dataset"]:
-        diffs.append(f"dataset: {old.get('dataset')!r} -> {new['dataset']!r}")
-    old_cfg, new_cfg = old.get("config", {}), new["config"]
-    for key in sorted(set(old_cfg) | set(new_cfg)):
-        if key not in old_cfg and new_cfg.get(key) in BEHAVIOUR_BEFORE_KEY.get(key, ()):
-            continue  # a key added since the run started, set to what the run did before it existed
-        if key not in EXECUTION_KEYS and old_cfg.get(key) != new_cfg.get(key):
-            diffs.append(f"config.{key}: {old_cfg.get(key)!r} -> {new_cfg.get(key)!r}")
-    old_files = old.get("dataset_files", {})
-    for name in sorted(set(old_files) | set(new["dataset_files"])):
-        before, now = old_files.get(name), new["dataset_files"].get(name)
-        if before != now:
-            change = "is gone" if now is None else "is new" if before is None else "changed (sha256)"
-            diffs.append(f"dataset file {name} {change}")
-    return diffs
-
-
-def write_json_atomic(path: str, payload, tmp: Optional[str] = None) -> None:
-    """Writes ``tmp`` (default ``path.tmp``), syncs it and renames it over ``path``."""
-    tmp = tmp or f"{path}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-# What a run writes in its workdir (curves.png: lgmrec_jax.report's plot); --restart deletes these alone.
-RUN_OUTPUTS = (".lock", "checkpoints", "config.json", "metrics.jsonl", "summary.json", "tensorboard",
-               "curves.png", ".write-probe")
-
-
-def clear_for_restart(path: str, outputs: tuple, keep: tuple = (), dry_run: bool = False,
-                      suffixes: tuple = ()) -> None:
-    """``--restart``: deletes the entries of ``path`` that are ``outputs`` (or their temporary files,
-    ``<output>.<suffix>`` or ``<output>-<suffix>``) or end in one of ``suffixes``, except ``keep``.
-    Refuses (RunError, nothing deleted) when ``path`` holds anything else: a --workdir pointed at a
-    source tree or a data directory must not be emptied. ``dry_run``: the refusal alone."""
-    def owned(name):
-        return name.endswith(suffixes) or any(name == out or name.startswith((f"{out}.", f"{out}-"))
-                                              for out in outputs)
-
-    names = sorted(os.listdir(path))
-    foreign = [name for name in names if not owned(name)]
-    if foreign:
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise RunError(f"{path}: --restart deletes only what a run wrote there, and it also holds {shown}; "
-                       f"move those away or choose another --workdir")
-    for name in names if not dry_run else ():
-        if name not in keep:
-            target = os.path.join(path, name)
-            shutil.rmtree(target) if os.path.isdir(target) and not os.path.islink(target) else os.remove(target)
-
-
-class Workdir:
-    """The run directory: exclusive lock, identity check, output files."""
-
-    def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        self._lock = None
-
-    def file(self, name: str) -> str:
-        return os.path.join(self.path, name)
-
-    def prepare(self, identity: dict, restart: bool) -> None:
-        """Creates and locks the workdir and checks it is writable, before anything is compiled."""
-        if os.path.exists(self.path) and not os.path.isdir(self.path):
-            raise RunError(f"{self.path}: workdir exists and is not a directory; choose another --workdir")
-        try:
-            os.makedirs(self.path, exist_ok=True)
-        except OSError as err:
-            raise RunError(f"{self.path}: workdir cannot be created ({err.strerror}); choose another --workdir") \
-                from None
-        if restart:  # before the lock file: a refused restart leaves the directory as it was
-            clear_for_restart(self.path, RUN_OUTPUTS, dry_run=True)
-        self.lock()  # before any write: a refused second run touches nothing
-        try:
-            try:
-                probe = self.file(f".write-probe-{os.getpid()}")
-                with open(probe, "w") as handle:
-                    handle.write("ok")
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.remove(probe)
-            except OSError as err:
-                raise RunError(f"{self.path}: workdir is not writable ({err.strerror}); choose another --workdir") \
-                    from None
-            for name in ("config.json.tmp", "summary.json.tmp", "metrics.jsonl.tmp"):  # left by a kill
-                if os.path.exists(self.file(name)):
-                    os.remove(self.file(name))
-            for probe in glob.glob(self.file(".write-probe-*")):
-                os.remove(probe)
-            if restart:
-                clear_for_restart(self.path, RUN_OUTPUTS, keep=(".lock",))
-            config_path = self.file("config.json")
-            if os.path.exists(config_path):
-                start_over = "use --restart to start over or choose another --workdir"
-                try:
-                    with open(config_path) as handle:
-                        old = json.load(handle)
-                except ValueError as err:
-                    raise RunError(f"{config_path}: not valid JSON ({err}); {start_over}") from None
-                if not isinstance(old, dict):
-                    raise RunError(f"{config_path}: not a JSON object; {start_over}")
-                diffs = identity_differences(old.get("identity", {}), identity)
-                if diffs:
-                    raise RunError(f"{self.path} holds a run with a different setup ({'; '.join(diffs)}); "
-                                   f"use --restart to start over or choose another --workdir")
-        except BaseException:
-            self.unlock()  # a refused start leaves the workdir free
-            raise
-
-    def lock(self) -> None:
-        try:
-            self._lock = open(self.file(".lock"), "a+")
-        except OSError as err:
-            raise RunError(f"{self.path}: workdir is not writable ({err.strerror}); choose another --workdir") \
-                from None
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            self._lock.close()
-            self._lock = None
-            raise RunError(f"{self.path}: another run is using this workdir (locked); wait for it or "
-                           f"choose another --workdir") from None
-        self._lock.seek(0)
-        self._lock.truncate()
-        self._lock.write(str(os.getpid()))
-        self._lock.flush()
-
-    def unlock(self) -> None:
-        if self._lock is not None:
-            fcntl.flock(self._lock, fcntl.LOCK_UN)
-            self._lock.close()
-            self._lock = None
-
-    def remove_if_unused(self) -> None:
-        """Removes a workdir that holds nothing but its lock (a run that failed before its first write)."""
-        try:
-            if os.listdir(self.path) == [".lock"]:
-                shutil.rmtree(self.path)
-        except OSError:
-            pass  # gone already, or not ours to remove: nothing was written either way
-
-    def rewrite_metrics(self, history: list[dict]) -> None:
-        tmp = self.file("metrics.jsonl.tmp")
-        with open(tmp, "w") as handle:
-            for row in history:
-                handle.write(json.dumps(row, sort_keys=True) + "\n")
-        os.replace(tmp, self.file("metrics.jsonl"))
-
-    def append_metrics(self, row: dict) -> None:
-        line = json.dumps(row, sort_keys=True) + "\n"
-        with open(self.file("metrics.jsonl"), "a") as handle:
-            if any(fault(a, "metrics", row["epoch"]) is not None for a in ("kill", "enospc")):
-                handle.write(line[:len(line) // 2])
-                handle.flush()
-                _kill_at("metrics", row["epoch"])
-                _enospc_at("metrics", row["epoch"], handle.name)
-            handle.write(line)
-            handle.flush()
-            os.fsync(handle.fileno())
-
-    def metrics_epochs(self) -> list[int]:
-        """Epochs of the complete lines in metrics.jsonl (a line cut by a kill is skipped)."""
-        epochs = []
-        if os.path.exists(self.file("metrics.jsonl")):
-            with open(self.file("metrics.jsonl")) as handle:
-                for line in handle:
-                    try:
-                        epochs.append(int(json.loads(line)["epoch"]))
-                    except (ValueError, KeyError, TypeError):
-                        pass
-        return epochs
 
 
 @dataclasses.dataclass
@@ -407,7 +104,7 @@ class Experiment:
         results = {}
         for name, hits in zip(names, evaluation.map_splits(split_hits, len(names), self.concurrent_splits)):
             results[name] = evaluation.metrics_from_hits(self.plans[name], hits)
-            _kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
+            faults.kill_at("eval", epoch)  # fault injection (no-op unless LGMREC_FAULT asks)
         return results
 
 
@@ -540,14 +237,14 @@ def _open_workdir(cfg, ds, wd: Workdir, identity: dict, state):
         if old and old.get("status") in FINISHED and old.get("epochs_run") == progress.epoch:
             done = old  # a finished run: the same command only reports it
     elif os.path.exists(summary_path):
-        os.remove(summary_path)  # from an earlier session (a non-finite stop, fewer epochs): stale now
+        os.remove(summary_path)  # from an earlier invocation (a non-finite stop, fewer epochs): stale now
     return checkpoints, restored, progress, board, done
 
 
 def _save(checkpoints: ckpt_lib.Checkpoints, epoch: int, state, meta: dict, valid_value) -> None:
-    with _FaultInSave(epoch):  # no-op unless LGMREC_FAULT asks
+    with faults.FaultInSave(epoch):  # no-op unless LGMREC_FAULT asks
         checkpoints.save(epoch + 1, state, meta, None if valid_value is None else round(valid_value, 4))
-    _kill_at("saved", epoch)
+    faults.kill_at("saved", epoch)
 
 
 class Saver:
@@ -638,8 +335,8 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
         epoch = progress.epoch
         tick = time.time()
         show = progress_bar(epoch) if sys.stderr.isatty() else None
-        if fault("kill", "train", epoch) is not None:  # fault injection: SIGKILL halfway through
-            show = lambda done, total, epoch=epoch: done * 2 >= total and _kill_at("train", epoch)
+        if faults.fault("kill", "train", epoch) is not None:  # fault injection: SIGKILL halfway through
+            show = lambda done, total, epoch=epoch: done * 2 >= total and faults.kill_at("train", epoch)
         first = epochs_this_call == 0  # its compile, and the step's first collectives across processes
         with (distributed.waiting_for(f"the other processes in epoch {epoch}, the first of this invocation")
               if first else contextlib.nullcontext()):
@@ -647,7 +344,7 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
         saver.finish()  # the previous epoch's checkpoint, written while this epoch trained, and its row
         loss = dict(zip(("total", "bpr", "hcl", "reg"), map(float, parts.sum(axis=0))))
         host_state = exp.runner.get(state)  # one copy, for evaluation and checkpoints
-        parts, host_state = _inject_nan(parts, host_state, epoch)  # no-op unless LGMREC_FAULT asks
+        parts, host_state = faults.inject_nan(parts, host_state, epoch)  # no-op unless LGMREC_FAULT asks
         check_finite(parts, host_state, epoch, summary_path, progress,
                      saver.checkpoints.steps() if primary else None)
         train_s = time.time() - tick
@@ -663,7 +360,7 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
             stop = stopper.update(epoch, results["valid"][cfg.valid_metric], results["valid"],
                                   results.get("test", {}))
             row.update(best_epoch=stopper.best_epoch, patience_left=stopper.patience_left)
-        # The run's wall clock at the end of this epoch's evaluation, over every session of it (setup and
+        # The run's wall clock at the end of this epoch's evaluation, over every invocation of it (setup and
         # compilation included): metrics against time, and the host's cost between epochs
         # (time_s[e] - time_s[e-1] - train_s[e] - eval_s[e]).
         row["time_s"] = round(progress.wall_s + time.time() - started, 3)
@@ -673,7 +370,7 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
         if stop or (epoch + 1) % cfg.checkpoint_every == 0 or progress.epoch >= cfg.epochs:
             progress.stopper = stopper.state_dict()
             meta = dataclasses.asdict(progress)
-            meta["wall_s"] = progress.wall_s + time.time() - started  # earlier sessions + this one
+            meta["wall_s"] = progress.wall_s + time.time() - started  # earlier invocations + this one
             saver.submit(epoch, host_state, meta, row.get("valid", {}).get(cfg.valid_metric), row)
         else:
             saver.record(row)
@@ -700,11 +397,11 @@ def _run_epochs(cfg, ds, wd: Workdir, exp: Experiment, state, restored, progress
 
 def write_summary(path: str, summary: dict, last_epoch: int) -> None:
     """write_json_atomic with the kill:summary / enospc:summary fault points."""
-    if fault("kill", "summary", last_epoch) is not None or fault("enospc", "summary", last_epoch) is not None:
+    if faults.fault("kill", "summary", last_epoch) is not None or faults.fault("enospc", "summary", last_epoch) is not None:
         with open(f"{path}.tmp", "w") as handle:
             handle.write(json.dumps(summary)[:40])
-        _kill_at("summary", last_epoch)
-        _enospc_at("summary", last_epoch, f"{path}.tmp")
+        faults.kill_at("summary", last_epoch)
+        faults.enospc_at("summary", last_epoch, f"{path}.tmp")
     write_json_atomic(path, summary)
 
 

@@ -1,20 +1,11 @@
-"""The data-parallel training step over local devices (``jax.pmap``), with the full-graph work
-split across devices by rows.
+"""The data-parallel training step over devices (``jax.pmap``), the full-graph work split by rows.
 
-Every step of LGMRec recomputes the whole graph forward, so splitting only the batch would repeat
-the expensive part on every device. Here each device holds a block of rows of every big operand and
-the model's products run through :class:`ShardedOps`:
-
-  sparse propagation   device d multiplies its row block of A_hat (or R), then ``all_gather``
-  feature projections  device d multiplies its block of feature rows, then ``all_gather``
-  hypergraph products  H^T Z as a ``psum`` of per-block partial products; H @ Lat by row blocks
-  loss                 device d takes B/n batch rows, scoring them against all InfoNCE candidates
-
-Gumbel noise and dropout masks are drawn in full from the same key on every device, so a step is the
-single-device step up to float32 reassociation. Each device's objective is its share of the loss
-(the Frobenius-norm regulariser is linearised around the global norm, which has the same gradient);
-the gradient is the ``psum`` of the per-device gradients, and every device applies the same Adam
-update to its replica of the state.
+Every step recomputes the whole graph forward, so each device holds a row block of every big operand
+and the model's products go through :class:`ShardedOps`: sparse propagations and feature projections
+by row blocks then ``all_gather``, ``H^T Z`` as a ``psum`` of partial products, and the loss over
+B/n batch rows. Noise is drawn in full from the same key on every device, so a step is the
+single-device step up to float32 reassociation; the gradient is the ``psum`` of the devices' shares
+(the regulariser linearised around the global norm, which has the same gradient).
 """
 
 from __future__ import annotations

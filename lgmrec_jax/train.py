@@ -3,17 +3,11 @@
     python -m lgmrec_jax.train                                  # built-in synthetic dataset
     python -m lgmrec_jax.train --dataset=clothing --data_dir=./data --config.alpha=0.3
 
-The config starts from the dataset's module in lgmrec_jax/configs (baby, sports, clothing; the
-default otherwise); ``--config.KEY=VALUE`` overrides any key and unknown keys are errors. Running the
-same command on the same workdir resumes it; ``--restart`` starts over.
-
-Exit status: 0 done, 2 bad input or a run that cannot start or continue (one line ``error: ...`` on
-stderr: the dataset is read and checked first, before JAX is imported or the workdir is touched, so
-bad data fails fast and leaves nothing behind), 3 a NaN/inf loss or parameter (summary.json says
-where). A killed run resumes when the same command is run again (see run.py).
-
-Several hosts: ``--coordinator_address=host:port --num_processes=P --process_id=p`` on each makes
-the run one data-parallel program over all their devices (lgmrec_jax/distributed.py).
+The config is the dataset's module in lgmrec_jax/configs with ``--config.KEY=VALUE`` overrides. The
+same command on the same workdir resumes it; ``--restart`` starts over. Exit status: 0 done; 2 bad
+input or a run that cannot start or continue (one ``error: ...`` line; the data is checked before the
+workdir is touched); 3 a NaN/inf loss or parameter; 4 a process of several waited longer than
+``--distributed_timeout`` for the others. Several hosts: lgmrec_jax/distributed.py.
 """
 
 from __future__ import annotations

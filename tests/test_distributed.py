@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from conftest import REPO, free_port, read_jsonl
-from experiments.reliability import strip_timing
-from lgmrec_jax import distributed, run as run_lib
+from lgmrec_jax.records import strip_timing
+from lgmrec_jax import distributed, faults
 
 RUN = ("--dataset=synthetic_tiny", "--config.epochs=3", "--config.stopping_step=100", "--config.num_devices=0")
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != run_lib.FAULT_ENV}
+    env = {k: v for k, v in os.environ.items() if k != faults.FAULT_ENV}
     env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("xla_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     return env
@@ -28,7 +28,7 @@ def env(tmp_path_factory):
 def train(env, devices: int, *args, fault=None):
     env = {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     if fault:
-        env[run_lib.FAULT_ENV] = fault
+        env[faults.FAULT_ENV] = fault
     return subprocess.Popen([sys.executable, "-m", "lgmrec_jax.train", *RUN, *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 

@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO, free_port, read_jsonl
-from experiments.reliability import strip_timing
+from lgmrec_jax.records import strip_timing
 from experiments import grid as grid_lib
 from experiments import grid_merge
 from lgmrec_jax import configs, run as run_lib
+from lgmrec_jax import workdir as workdir_lib
 from lgmrec_jax.data import DatasetError, load_dataset
 
 TINY = {"epochs": 3, "stopping_step": 100}
@@ -453,7 +454,7 @@ def test_a_refused_rerun_leaves_the_grid_record_as_it_was(synthetic_dir, tmp_pat
     workdir = tmp_path / "wd"
     grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 999})
     recorded = (workdir / "grid.json").read_text()
-    with pytest.raises(run_lib.RunError, match="different setup"):
+    with pytest.raises(workdir_lib.RunError, match="different setup"):
         grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 5})
     assert (workdir / "grid.json").read_text() == recorded
 

@@ -1,4 +1,4 @@
-"""Faults of issue #7, each injected for real: kills at chosen points (SIGKILL through LGMREC_FAULT, see
+"""Faults, each injected for real: kills at chosen points (SIGKILL through LGMREC_FAULT, see
 run.py), a full disk at a save, a forced NaN, corrupted and deleted checkpoints, an unwritable
 workdir, a locked workdir, and hostile datasets through the CLI.
 
@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from experiments.reliability import HOSTILE, hostile_copy, strip_timing
+from experiments.reliability import HOSTILE, hostile_copy
+from lgmrec_jax.records import strip_timing
 from lgmrec_jax import checkpoint as ckpt_lib, configs, run as run_lib
+from lgmrec_jax import faults, workdir as workdir_lib
 from lgmrec_jax.data import load_dataset
 
 # synthetic_tiny with at most 4 epochs and early stopping after 2 evaluations without improvement.
@@ -31,7 +33,7 @@ RUN_FLAGS = ("--dataset=synthetic_tiny", "--config.epochs=4", "--config.stopping
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
     env = dict(os.environ)
-    env.pop(run_lib.FAULT_ENV, None)
+    env.pop(faults.FAULT_ENV, None)
     env["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("xla_cache"))
     env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
     return env
@@ -40,7 +42,7 @@ def cache_env(tmp_path_factory):
 def cli(env, *args, fault=None, check_rc=None):
     env = dict(env)
     if fault:
-        env[run_lib.FAULT_ENV] = fault
+        env[faults.FAULT_ENV] = fault
     proc = subprocess.run([sys.executable, "-m", "lgmrec_jax.train", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=600, env=env)
     if check_rc is not None:
@@ -196,9 +198,9 @@ def test_deleted_checkpoints_with_metrics_left_are_refused(reference, tmp_path):
     shutil.copytree(ref_dir, workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     cfg = configs.for_dataset("synthetic_tiny")
-    wd = run_lib.Workdir(workdir)
+    wd = workdir_lib.Workdir(workdir)
     checkpoints = ckpt_lib.Checkpoints(wd.file("checkpoints"), 2)
-    with pytest.raises(run_lib.RunError, match=r"holds no checkpoint, but metrics.jsonl shows one was saved "
+    with pytest.raises(workdir_lib.RunError, match=r"holds no checkpoint, but metrics.jsonl shows one was saved "
                                                rf"after epoch {len(ref_rows) - 1} \(deleted\?\); use --restart"):
         run_lib._restore(cfg, wd, checkpoints, None)
     os.remove(wd.file("metrics.jsonl"))
@@ -261,24 +263,24 @@ def test_unwritable_workdir_is_refused_before_training(synthetic_dir, cache_env,
     assert proc.stderr.strip() == (f"error: {blocker}/run: workdir cannot be created (Not a directory); "
                                    f"choose another --workdir")
     assert sorted(os.listdir(tmp_path)) == ["a_file"]
-    with pytest.raises(run_lib.RunError, match="workdir exists and is not a directory"):
-        run_lib.Workdir(str(blocker)).prepare({}, restart=False)
+    with pytest.raises(workdir_lib.RunError, match="workdir exists and is not a directory"):
+        workdir_lib.Workdir(str(blocker)).prepare({}, restart=False)
     sysfs = "/sys/lgmrec-reliability-test"
     try:
         os.mkdir(sysfs)
         os.rmdir(sysfs)
     except OSError:
-        with pytest.raises(run_lib.RunError, match=f"{sysfs}: workdir cannot be created"):
-            run_lib.Workdir(sysfs).prepare({}, restart=False)
+        with pytest.raises(workdir_lib.RunError, match=f"{sysfs}: workdir cannot be created"):
+            workdir_lib.Workdir(sysfs).prepare({}, restart=False)
 
 
 def test_full_disk_before_training_is_refused(tmp_path, monkeypatch):
-    wd = run_lib.Workdir(str(tmp_path))
+    wd = workdir_lib.Workdir(str(tmp_path))
     state = {"w": np.zeros((1000, 64), np.float32)}
     run_lib._check_free_space(wd, state)
     usage = shutil.disk_usage(str(tmp_path))
     monkeypatch.setattr(run_lib.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
-    with pytest.raises(run_lib.RunError, match=r"only 0.1 MiB free on its disk, a checkpoint needs about 1.5 MiB"):
+    with pytest.raises(workdir_lib.RunError, match=r"only 0.1 MiB free on its disk, a checkpoint needs about 1.5 MiB"):
         run_lib._check_free_space(wd, state)
 
 

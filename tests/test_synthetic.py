@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from data_prep import synthetic
+from lgmrec_jax import synthetic
 from lgmrec_jax import data
 
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO, read_jsonl
-from experiments.reliability import strip_timing
+from lgmrec_jax.records import strip_timing
 from lgmrec_jax import configs, evaluation, run as run_lib
+from lgmrec_jax import workdir as workdir_lib
 from lgmrec_jax.data import load_dataset
 
 
@@ -114,21 +115,21 @@ def test_resume_equals_uninterrupted_run(synthetic_dir, tmp_path):
 def test_workdir_with_other_setup_is_refused(synthetic_dir, tmp_path):
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
     run_lib.train_and_evaluate(tiny_config(epochs=1), ds, str(tmp_path))
-    with pytest.raises(run_lib.RunError, match=r"config.alpha: 0.3 -> 0.9; config.seed: 999 -> 1"):
+    with pytest.raises(workdir_lib.RunError, match=r"config.alpha: 0.3 -> 0.9; config.seed: 999 -> 1"):
         run_lib.train_and_evaluate(tiny_config(epochs=1, alpha=0.9, seed=1), ds, str(tmp_path))
     summary = run_lib.train_and_evaluate(tiny_config(epochs=1, alpha=0.9), ds, str(tmp_path), restart=True)
     assert summary["epochs_run"] == 1
 
 
 def test_second_run_on_locked_workdir_is_refused(tmp_path):
-    first = run_lib.Workdir(str(tmp_path))
+    first = workdir_lib.Workdir(str(tmp_path))
     first.lock()
     try:
-        with pytest.raises(run_lib.RunError, match="another run is using this workdir"):
-            run_lib.Workdir(str(tmp_path)).lock()
+        with pytest.raises(workdir_lib.RunError, match="another run is using this workdir"):
+            workdir_lib.Workdir(str(tmp_path)).lock()
     finally:
         first.unlock()
-    run_lib.Workdir(str(tmp_path)).lock()  # free again once released
+    workdir_lib.Workdir(str(tmp_path)).lock()  # free again once released
 
 
 @pytest.mark.parametrize("eval_noise", ["off", "per_eval"])
@@ -165,7 +166,7 @@ def test_tensorboard_events_follow_the_history(synthetic_dir, tmp_path):
 
 def test_keys_added_since_a_run_started_do_not_block_its_resume(synthetic_dir, tmp_path):
     """A workdir written before a config key existed resumes when the key holds a value that does
-    what the run did before (run.BEHAVIOUR_BEFORE_KEY), and is refused under any other value."""
+    what the run did before (workdir.BEHAVIOUR_BEFORE_KEY), and is refused under any other value."""
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
 
     def run_from_before_the_key(workdir):
@@ -176,7 +177,7 @@ def test_keys_added_since_a_run_started_do_not_block_its_resume(synthetic_dir, t
         path.write_text(json.dumps(stored))
 
     run_from_before_the_key(tmp_path / "a")
-    with pytest.raises(run_lib.RunError, match=r"config.eval_topk: None -> 'approx'"):
+    with pytest.raises(workdir_lib.RunError, match=r"config.eval_topk: None -> 'approx'"):
         run_lib.train_and_evaluate(tiny_config(epochs=2, eval_topk="approx"), ds, str(tmp_path / "a"))
     summary = run_lib.train_and_evaluate(tiny_config(epochs=2, eval_topk="direct"), ds, str(tmp_path / "a"))
     assert summary["epochs_run"] == 2  # "direct": what the run did before the key existed
@@ -325,7 +326,7 @@ def test_a_run_is_not_shortened_by_a_smaller_epochs(synthetic_dir, tmp_path):
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
     run_lib.train_and_evaluate(tiny_config(epochs=3, stopping_step=100), ds, str(tmp_path))
     config_before = (tmp_path / "config.json").read_text()
-    with pytest.raises(run_lib.RunError, match=r"holds a run of 3 epochs, more than epochs=2: a run is not "
+    with pytest.raises(workdir_lib.RunError, match=r"holds a run of 3 epochs, more than epochs=2: a run is not "
                                                r"shortened; ask for 3 or more, or use --restart"):
         run_lib.train_and_evaluate(tiny_config(epochs=2, stopping_step=100), ds, str(tmp_path))
     assert (tmp_path / "config.json").read_text() == config_before
@@ -335,6 +336,6 @@ def test_a_run_is_not_shortened_by_a_smaller_epochs(synthetic_dir, tmp_path):
 def test_identity_differences_say_how_a_dataset_file_changed():
     old = {"dataset": "d", "config": {}, "dataset_files": {"a.inter": "1", "image_feat.npy": "2", "t.npy": "3"}}
     new = {"dataset": "d", "config": {}, "dataset_files": {"a.inter": "1", "t.npy": "4", "text_feat.npy": "5"}}
-    assert run_lib.identity_differences(old, new) == [
+    assert workdir_lib.identity_differences(old, new) == [
         "dataset file image_feat.npy is gone", "dataset file t.npy changed (sha256)",
         "dataset file text_feat.npy is new"]

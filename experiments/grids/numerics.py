@@ -1,4 +1,4 @@
-"""The numerics study of issue #5: matmul precision x feature storage type, each a named option
+"""The numerics study: matmul precision x feature storage type, each a named option
 (lgmrec_jax/configs/default.py) whose effect on the metrics is measured before it becomes a default.
 
     python -m experiments.grid --grid=numerics --dataset=clothing --data_dir=./data --seeds=0,1,2
