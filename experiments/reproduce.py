@@ -1,6 +1,6 @@
 """Reproduces the reference's logged LGMRec results on Baby, Sports and Clothing, side by side.
 
-    python -m experiments.reproduce --data_dir=./data                 # all three, legacy variant
+    python -m experiments.reproduce --data_dir=./data --reference_logs=LOGDIR   # all three, legacy variant
     python -m experiments.reproduce --data_dir=./data --variant=fixed --datasets=baby
     python -m experiments.reproduce --synthetic --config_overrides=epochs=2   # smoke run, no real data
 
@@ -8,7 +8,8 @@ Each dataset trains with the paper's settings (``lgmrec_jax.configs.for_dataset(
 sports with the logged n_ui_layers 2 / n_hyper_layer 4) in ``<workdir_root>/<variant>/<name>``
 through ``lgmrec_jax.run.train_and_evaluate``, so rerunning the command resumes unfinished runs and
 reuses finished ones. Then ``<workdir_root>/reproduction.md`` and ``reproduction.json`` compare our
-best epoch, valid R@20 and test R@10/R@20/N@10/N@20/P@20/MAP@20 with the logged numbers (SPEC §6.1);
+best epoch, valid R@20 and test R@10/R@20/N@10/N@20/P@20/MAP@20 with the numbers the reference's log
+files say (``--reference_logs``, read by ``lgmrec_jax.reference_log``; the authors' logs give SPEC §6.1);
 they cover the datasets of the latest invocation (rerunning a finished one only reloads it).
 
 ``--variant=legacy`` (the default) replays the revision that produced the logs, with its text
@@ -44,24 +45,10 @@ from lgmrec_jax.cli import fail, parse_flags, setup_logging
 PAPER_DATASETS = ("baby", "sports", "clothing")
 VARIANTS = ("legacy", "fixed")
 
-# The reference's logged results: SPEC §6.1, test metrics at the best-validation epoch as printed in
-# the authors' logs L:log/LGMRec-{baby,sports,clothing}-Aug-12-2023-*.log (georgeguo-cn/LGMRec,
-# seed 999, one run each, legacy variant). n_users / n_items are the logs' dataset statistics (SPEC §1.7).
-REFERENCE = {
-    "baby": {"best_epoch": 31, "n_users": 19445, "n_items": 7050,
-             "valid": {"recall@20": 0.0957},
-             "test": {"recall@10": 0.0644, "recall@20": 0.0982, "ndcg@10": 0.0347, "ndcg@20": 0.0434,
-                      "precision@20": 0.0054, "map@20": 0.0272}},
-    "sports": {"best_epoch": 72, "n_users": 35598, "n_items": 18357,
-               "valid": {"recall@20": 0.1034},
-               "test": {"recall@10": 0.0713, "recall@20": 0.1057, "ndcg@10": 0.0384, "ndcg@20": 0.0473,
-                        "precision@20": 0.0059, "map@20": 0.0299}},
-    "clothing": {"best_epoch": 66, "n_users": 39387, "n_items": 23033,
-                 "valid": {"recall@20": 0.0829},
-                 "test": {"recall@10": 0.0558, "recall@20": 0.0830, "ndcg@10": 0.0303, "ndcg@20": 0.0372,
-                          "precision@20": 0.0043, "map@20": 0.0241}},
-}
-REFERENCE_SOURCE = "SPEC §6.1: L:log/LGMRec-{baby,sports,clothing}-Aug-12-2023-*.log (seed 999, legacy variant)"
+# The reference's numbers come from its own log files (``--reference_logs``; the authors' published logs
+# are log/LGMRec-{baby,sports,clothing}-Aug-12-2023-*.log of georgeguo-cn/LGMRec, seed 999, legacy
+# variant), read by lgmrec_jax.reference_log: the test metrics at the best-validation epoch as logged at
+# that epoch, and n_users / n_items as the model's embedding sizes (SPEC §1.7, §6.1).
 
 # (label, split, key): the rows of each side-by-side table; split None is a summary field.
 COMPARED = (
@@ -161,30 +148,59 @@ def ours_value(summary: dict, split: Optional[str], key: str):
     return (summary.get(f"best_{split}") or {}).get(key)
 
 
-def reference_value(paper_name: str, split: Optional[str], key: str):
-    ref = REFERENCE[paper_name]
-    return ref[key] if split is None else ref[split][key]
+def reference_from_logs(spec: str) -> dict:
+    """{dataset: {"best_epoch", "n_users", "n_items", "valid", "test", "source"}} from the reference's log
+    files ``spec`` (comma-separated; a directory stands for its *.log files): per dataset the log's first
+    finished tuple, at its best-validation epoch."""
+    from lgmrec_jax import reference_log
+
+    found = {}
+    try:
+        logs = [reference_log.read_log(path) for path in reference_log.log_files(spec)]
+    except reference_log.LogError as err:
+        raise ReproduceError(f"--reference_logs: {err}") from None
+    for log in logs:
+        run = next((r for r in log.runs if r.complete and r.best() is not None), None)
+        if log.dataset not in PAPER_DATASETS or run is None or log.dataset in found:
+            continue
+        best = run.best()
+        found[log.dataset] = {"best_epoch": best.epoch, "n_users": run.n_users or log.stats["all"]["users"],
+                              "n_items": run.n_items or log.stats["all"]["items"], "valid": best.valid,
+                              "test": best.test, "source": f"{log.path} (seed {run.seed})"}
+    return found
 
 
-def comparison_rows(paper_name: str, summary: dict) -> list[dict]:
+def reference_value(reference: dict, paper_name: str, split: Optional[str], key: str):
+    """The logged value, None when no log of that dataset was given."""
+    ref = reference.get(paper_name)
+    if ref is None:
+        return None
+    return ref[key] if split is None else ref[split].get(key)
+
+
+def comparison_rows(paper_name: str, summary: dict, reference: dict) -> list[dict]:
     rows = []
     for label, split, key in COMPARED:
-        ours, ref = ours_value(summary, split, key), reference_value(paper_name, split, key)
-        difference = None if ours is None else (ours - ref if split is None else round(ours - ref, 4))
+        ours, ref = ours_value(summary, split, key), reference_value(reference, paper_name, split, key)
+        difference = None
+        if ours is not None and ref is not None:
+            difference = ours - ref if split is None else round(ours - ref, 4)
         rows.append({"label": label, "split": split, "key": key, "ours": ours, "reference": ref,
                      "difference": difference})
     return rows
 
 
-def not_comparable_reasons(paper_name: str, data: str, n_users: int, n_items: int, overrides: dict) -> list[str]:
+def not_comparable_reasons(paper_name: str, data: str, n_users: int, n_items: int, overrides: dict,
+                           reference: dict) -> list[str]:
     reasons = []
+    ref = reference.get(paper_name)
+    if ref is None:
+        reasons.append(f"no reference log of {paper_name} given (--reference_logs)")
     if data != paper_name:
         reasons.append(f"synthetic data ({data}), not the Amazon {paper_name} benchmark")
-    else:
-        ref = REFERENCE[paper_name]
-        if (n_users, n_items) != (ref["n_users"], ref["n_items"]):
-            reasons.append(f"the data has {n_users} users / {n_items} items, the logged {paper_name} "
-                           f"{ref['n_users']} / {ref['n_items']} (SPEC §1.7)")
+    elif ref is not None and (n_users, n_items) != (ref["n_users"], ref["n_items"]):
+        reasons.append(f"the data has {n_users} users / {n_items} items, the logged {paper_name} "
+                       f"{ref['n_users']} / {ref['n_items']}")
     if overrides:
         reasons.append("config overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     return reasons
@@ -217,10 +233,11 @@ def run_one(paper_name: str, request: dict) -> dict:
     except (DatasetError, RunError, NonFiniteError) as err:
         entry["error"] = str(err)
         return entry
-    reasons = not_comparable_reasons(paper_name, data, ds.n_users, ds.n_items, request["config_overrides"])
+    reference = request.get("reference", {})
+    reasons = not_comparable_reasons(paper_name, data, ds.n_users, ds.n_items, request["config_overrides"], reference)
     entry.update(status=summary.get("status"), epochs_run=summary.get("epochs_run"),
                  total_wall_s=summary.get("total_wall_s"), comparable=not reasons,
-                 not_comparable_because=reasons, rows=comparison_rows(paper_name, summary))
+                 not_comparable_because=reasons, rows=comparison_rows(paper_name, summary, reference))
     return entry
 
 
@@ -228,7 +245,7 @@ def reproduce(request: dict) -> dict:
     """Runs every requested dataset, writes reproduction.{md,json}; returns the JSON payload.
 
     ``request`` keys: datasets, variant, data_dir, workdir_root, synthetic, synthetic_preset,
-    config_overrides (a dict), restart.
+    config_overrides (a dict), restart, and optionally reference (:func:`reference_from_logs`).
     """
     from lgmrec_jax import __version__
 
@@ -239,7 +256,7 @@ def reproduce(request: dict) -> dict:
         "config_overrides": request["config_overrides"],
         "synthetic": request["synthetic"],
         "synthetic_preset": request["synthetic_preset"],
-        "reference_source": REFERENCE_SOURCE,
+        "reference_source": "; ".join(ref["source"] for ref in request.get("reference", {}).values()) or None,
         "lgmrec_jax_version": __version__,
         "datasets": entries,
     }
@@ -294,7 +311,8 @@ def format_markdown(payload: dict) -> str:
         "",
         f"- Variant: **{payload['variant']}** (`{VARIANT_KEY}={payload[VARIANT_KEY]}`; the logs were made "
         f"with the legacy one, SPEC §3.8 Q1).",
-        f"- Reference: {payload['reference_source']}; test metrics at the best-validation epoch.",
+        f"- Reference: {payload['reference_source'] or 'no log given (--reference_logs)'}; test metrics at the "
+        f"best-validation epoch as logged at that epoch.",
         "- Config overrides: " + (", ".join(f"`{k}={v}`" for k, v in overrides.items()) if overrides else "none")
         + ".",
         f"- lgmrec_jax {payload['lgmrec_jax_version']}, written by `experiments/reproduce.py`.",
@@ -367,6 +385,7 @@ def request_from_flags(values) -> dict:
         "synthetic_preset": values.synthetic_preset or None,
         "config_overrides": overrides,
         "restart": values.restart,
+        "reference": reference_from_logs(values.reference_logs) if values.reference_logs else {},
     }
 
 
@@ -411,6 +430,9 @@ def define_flags() -> None:
     flags.DEFINE_string("config_overrides", "", "key=value,... applied to every dataset's config (e.g. "
                         "epochs=2); makes the results not comparable with the logs.")
     flags.DEFINE_bool("restart", False, "Discard the runs' workdirs and start over (default: resume).")
+    flags.DEFINE_string("reference_logs", None, "The reference's log files to compare with, comma-separated (a "
+                        "directory stands for its *.log files): the authors' published logs, or any the reference "
+                        "wrote; without them the reference column is empty.")
     distributed.define_flags()  # several hosts: each run is one data-parallel program over all of them
 
 

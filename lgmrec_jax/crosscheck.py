@@ -578,6 +578,9 @@ def plot(comparison: dict, path: str) -> bool:
         import matplotlib
     except ImportError:
         return False
+    import logging
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font-cache note is noise on stderr
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

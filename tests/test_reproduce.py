@@ -10,15 +10,27 @@ import pytest
 
 from conftest import REPO, shared_path
 from experiments import reproduce
+from test_crosscheck import log_text
+
+BABY_SIZES = {"n_users": 19445, "n_items": 7050}
 
 
 @pytest.fixture(scope="module")
-def tiny_reproduction(synthetic_dir, tmp_path_factory):
+def baby_log(tmp_path_factory):
+    """A log of baby in the reference's format (two seeds), written here; what reproduce reads from it."""
+    path = tmp_path_factory.mktemp("logs") / "LGMRec-baby.log"
+    path.write_text(log_text([(999, [0.090, 0.095, 0.0957, 0.0950], 0.003), (1, [0.08, 0.09], 0.0)], epochs=4,
+                             **BABY_SIZES))
+    return str(path), reproduce.reference_from_logs(str(path))["baby"]
+
+
+@pytest.fixture(scope="module")
+def tiny_reproduction(synthetic_dir, tmp_path_factory, baby_log):
     """Baby's paper settings, two epochs, on synthetic_tiny (the real-sized presets take minutes)."""
     root = str(tmp_path_factory.mktemp("reproduce"))
     request = {"datasets": ["baby"], "variant": "legacy", "data_dir": synthetic_dir, "workdir_root": root,
                "synthetic": True, "synthetic_preset": "tiny", "config_overrides": {"epochs": 2},
-               "restart": False}
+               "restart": False, "reference": {"baby": baby_log[1]}}
     return root, reproduce.reproduce(request)
 
 
@@ -32,8 +44,17 @@ def cli(*args, cwd=REPO):
                           text=True, timeout=300)
 
 
-def test_tiny_run_writes_side_by_side_tables(tiny_reproduction):
+def test_reference_is_read_from_the_log(baby_log):
+    path, ref = baby_log
+    assert ref["best_epoch"] == 2 and ref["valid"]["recall@20"] == 0.0957
+    assert (ref["n_users"], ref["n_items"]) == (19445, 7050) and ref["source"] == f"{path} (seed 999)"
+    with pytest.raises(reproduce.ReproduceError, match="--reference_logs: .*no such log file"):
+        reproduce.reference_from_logs(path + ".missing")
+
+
+def test_tiny_run_writes_side_by_side_tables(tiny_reproduction, baby_log):
     root, payload = tiny_reproduction
+    logged = baby_log[1]["test"]["recall@20"]
     assert read_json(os.path.join(root, "reproduction.json")) == json.loads(json.dumps(payload))
     entry = payload["datasets"]["baby"]
     assert entry["error"] is None and entry["data"] == "synthetic_tiny"
@@ -43,11 +64,11 @@ def test_tiny_run_writes_side_by_side_tables(tiny_reproduction):
     rows = {row["label"]: row for row in entry["rows"]}
     assert [row["label"] for row in entry["rows"]] == [label for label, _, _ in reproduce.COMPARED]
     assert rows["best epoch"]["ours"] == summary["best_epoch"]
-    assert rows["best epoch"]["difference"] == summary["best_epoch"] - 31
+    assert rows["best epoch"]["difference"] == summary["best_epoch"] - 2
     assert rows["valid R@20"]["ours"] == summary["best_valid"]["recall@20"]
     assert rows["test MAP@20"]["ours"] == summary["best_test"]["map@20"]
-    assert rows["test R@20"]["reference"] == 0.0982
-    assert rows["test R@20"]["difference"] == round(summary["best_test"]["recall@20"] - 0.0982, 4)
+    assert rows["test R@20"]["reference"] == logged
+    assert rows["test R@20"]["difference"] == round(summary["best_test"]["recall@20"] - logged, 4)
     # Shown, but marked not comparable, with both reasons.
     assert entry["comparable"] is False
     assert any("synthetic data (synthetic_tiny)" in r for r in entry["not_comparable_because"])
@@ -56,7 +77,7 @@ def test_tiny_run_writes_side_by_side_tables(tiny_reproduction):
         markdown = handle.read()
     assert "## baby" in markdown and "Comparable with the reference: **no**" in markdown
     test_r20 = summary["best_test"]["recall@20"]
-    assert f"| test R@20 | {test_r20:.4f} | 0.0982 | {test_r20 - 0.0982:+.4f} |" in markdown
+    assert f"| test R@20 | {test_r20:.4f} | {logged:.4f} | {test_r20 - logged:+.4f} |" in markdown
 
 
 def test_tiny_run_uses_the_paper_config_and_variant(tiny_reproduction):
@@ -89,10 +110,12 @@ def spec_section_6_1():
     return table
 
 
-def test_reference_numbers_are_spec_6_1():
+def test_the_published_logs_give_spec_6_1():
+    reference = reproduce.reference_from_logs(shared_path("reference_logs", "published"))
     for name, numbers in spec_section_6_1().items():
-        ours = [reproduce.reference_value(name, split, key) for _, split, key in reproduce.COMPARED]
+        ours = [reproduce.reference_value(reference, name, split, key) for _, split, key in reproduce.COMPARED]
         assert ours == numbers, name
+    assert (reference["baby"]["n_users"], reference["baby"]["n_items"]) == (19445, 7050)  # SPEC §1.7
 
 
 def test_overrides_are_typed_and_checked():
@@ -114,15 +137,18 @@ def test_data_and_workdir_names():
                                                                                       "baby-synthetic_tiny")
 
 
-def test_real_data_is_comparable_only_with_the_logged_sizes():
-    assert reproduce.not_comparable_reasons("baby", "baby", 19445, 7050, {}) == []
-    reasons = reproduce.not_comparable_reasons("baby", "baby", 100, 7050, {})
+def test_real_data_is_comparable_only_with_the_logged_sizes(baby_log):
+    reference = {"baby": baby_log[1]}
+    assert reproduce.not_comparable_reasons("baby", "baby", 19445, 7050, {}, reference) == []
+    reasons = reproduce.not_comparable_reasons("baby", "baby", 100, 7050, {}, reference)
     assert len(reasons) == 1 and "100 users" in reasons[0]
+    assert reproduce.not_comparable_reasons("baby", "baby", 19445, 7050, {}, {}) == [
+        "no reference log of baby given (--reference_logs)"]
 
 
 def test_unevaluated_run_has_no_numbers():
-    rows = reproduce.comparison_rows("clothing", {"best_epoch": -1, "best_valid": None, "best_test": None})
-    assert all(row["ours"] is None and row["difference"] is None for row in rows)
+    rows = reproduce.comparison_rows("clothing", {"best_epoch": -1, "best_valid": None, "best_test": None}, {})
+    assert all(row["ours"] is None and row["reference"] is None and row["difference"] is None for row in rows)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -138,6 +164,7 @@ def test_unevaluated_run_has_no_numbers():
     (["--synthetic", "--config_overrides=matmul_precision=foo"],
      "error: --config_overrides: baby: matmul_precision is 'foo', expected one of"),
     (["--synthetic", "--workdir_root=FILE"], "error: --workdir_root=FILE: a file, expected a directory"),
+    (["--synthetic", "--reference_logs=FILE"], "error: --reference_logs: FILE: not a log of the reference"),
 ])
 def test_cli_rejects_bad_requests_with_one_line(args, message, tmp_path):
     (tmp_path / "FILE").write_text("x")
