@@ -1,51 +1,19 @@
 """Exports what a trained run computes: top-K recommendations, embeddings, hyperedge assignments.
 
     python -m lgmrec_jax.export runs/baby --out=exports/baby --data_dir=./data
-    python -m lgmrec_jax.export runs/baby --out=exports/baby_all --split=all --k=100 --what=recommendations
     python -m lgmrec_jax.export runs/grid/seeds/baby/configs/seed=3 --out=exports/seed3 --checkpoint=latest
 
-WORKDIR is a single run's workdir (lgmrec_jax.train) or one config of a grid (experiments.grid's
-``configs/<id>/``). The model is rebuilt from the workdir's config.json, on the dataset it names under
-``--data_dir`` (its files' SHA-256 must equal the recorded ones), with the parameters of one checkpoint:
-``--checkpoint=best`` (default: the best epoch by the valid metric, as the run's early stopping recorded
-it), ``latest``, or an epoch number (0-based, as ``epoch`` in metrics.jsonl). A single run keeps its
-latest checkpoints and its best; a grid group (``--mode=group``) checkpoints the stacked state of all its
-configs in ``groups/<group>/checkpoints/`` beside ``configs/`` and keeps only the latest ones (no best), so
-there the epochs that can be exported are those its kept checkpoints hold (an error lists them).
-
-What ``--out`` receives (``--what``, comma-separated; ``export.json`` always, describing every file):
-  recommendations  ``recommendations_<split>.tsv``: ``userID``, ``rank`` (1 = best), ``itemID``, ``score``,
-                   one row per item of each user's top ``--k`` (users of the split in evaluation order;
-                   ``--split=all``: every user), training items masked to -1e10 as in evaluation (they
-                   appear, with that score, only when fewer than K other items exist); with the dataset's
-                   ``u_id_mapping.csv`` / ``i_id_mapping.csv`` also ``raw_user_id`` and ``raw_item_id``.
-                   The lists are the evaluation's own (lgmrec_jax.evaluation, the run's top-k method, its
-                   blocks and noise keys), so the metrics recomputed from them equal the metrics.jsonl
-                   values of that epoch; export.json holds both and whether they are equal (exact on the
-                   backend the run was evaluated on).
-  embeddings       ``user_embeddings.npy`` (U, d) and ``item_embeddings.npy`` (I, d), the final
-                   embeddings of one evaluation-mode forward; ``--parts`` adds the CGE output, each
-                   modality's MGE and GHE outputs (out = C + nrm(M_v) + nrm(M_t) + alpha * nrm(G_v + G_t)).
-  hyperedges       ``hyperedges_<m>_<side>.npy``: each item's and user's soft hyperedge assignment per
-                   modality (the Gumbel softmax of the forward), and ``..._argmax.npy`` its hyperedge.
-
-Noise: the run's ``eval_noise`` unless ``--eval_noise`` says otherwise. A split's lists use that split's
-evaluation key of the epoch (``stream_key(seed, EVAL_STREAM, epoch)`` folded with the split's index:
-valid 0, test 1), ``--split=all`` and the embeddings/hyperedges index 2; under "per_block" each block of
-``eval_batch_size`` users draws its own noise, as in evaluation, so the embeddings (one forward)
-reproduce the lists' scores only under "per_eval" with ``--split=all``, or "off" (deterministic).
-
-Runs on CPU at any size the run trained at: users are scored in the evaluation's blocks, one (block x
-items) score matrix at a time. Progress goes to the log. Errors are one line ``error: ...`` (exit 2):
-a workdir, config.json, dataset, checkpoint or mapping file that cannot be used, or an ``--out`` that
-is not writable or exists non-empty without ``--overwrite``; the outputs are written to a temporary
-directory beside ``--out`` and renamed into place at the end, so a failed export leaves nothing.
+WORKDIR is a single run's or one grid config's; the model is rebuilt from its config.json on the dataset
+it names (checksums checked) with one checkpoint (``best``, ``latest`` or an epoch; a grid group keeps
+only its latest). ``recommendations_<split>.tsv`` holds the evaluation's own top-K lists (its blocks,
+noise keys and top-k method, training items masked), so their metrics equal the recorded ones;
+``*_embeddings.npy`` and ``hyperedges_*.npy`` come from one evaluation-mode forward (``--eval_noise``).
+``export.json`` says what each file is. Errors are one line, exit 2, nothing written.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -58,7 +26,7 @@ from absl import app, flags, logging
 
 from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import cli, configs, evaluation, metrics as metrics_lib, parallel, trainer
-from lgmrec_jax import report, run as run_lib
+from lgmrec_jax import report, workdir as workdir_lib
 from lgmrec_jax.configs import default as default_config
 from lgmrec_jax.data import Dataset, DatasetError, load_dataset
 from lgmrec_jax.graph import build_graph
@@ -130,13 +98,13 @@ def read_source(workdir: str) -> Source:
 
 def rebuild_config(recorded: dict, where: str):
     """The recorded config as a ConfigDict; a key added since the run was made takes the value that does
-    what the run did (run.BEHAVIOUR_BEFORE_KEY), and a key this version does not know is an error."""
+    what the run did (workdir.BEHAVIOUR_BEFORE_KEY), and a key this version does not know is an error."""
     cfg = default_config.get_config()
     unknown = sorted(set(recorded) - set(cfg))
     if unknown:
         raise ExportError(f"{where}: config key(s) {', '.join(unknown)} unknown to this version of lgmrec_jax")
     for key in cfg:
-        value = recorded.get(key, run_lib.BEHAVIOUR_BEFORE_KEY.get(key, (None,))[0])
+        value = recorded.get(key, workdir_lib.BEHAVIOUR_BEFORE_KEY.get(key, (None,))[0])
         if value is None:
             raise ExportError(f"{where}: config has no {key!r}; this version cannot rebuild the run")
         try:
@@ -158,7 +126,7 @@ def load_data(source: Source, data_dir: str) -> Dataset:
         ds = load_dataset(data_dir, identity["dataset"], generate_synthetic=False)
     except DatasetError as err:
         raise ExportError(f"{err} (the dataset of {source.workdir}; give its --data_dir)") from None
-    diffs = run_lib.identity_differences(identity, run_lib.run_identity(source.cfg, ds))
+    diffs = workdir_lib.identity_differences(identity, workdir_lib.run_identity(source.cfg, ds))
     if diffs:
         raise ExportError(f"{ds.path}: not the data {source.workdir} was trained on ({'; '.join(diffs)}); "
                           f"give the run's --data_dir")
@@ -507,7 +475,7 @@ def export(workdir: str, out: str, data_dir: str = "./data", checkpoint: str = "
                 if "hyperedges" in what:
                     _export_hyperedges(exported, staging, files, noise)
             manifest["seconds"] = round(time.time() - started, 3)
-            run_lib.write_json_atomic(staging.file("export.json"), manifest)
+            workdir_lib.write_json_atomic(staging.file("export.json"), manifest)
             staging.commit()
         except OSError as err:
             staging.discard()

@@ -29,7 +29,6 @@ from lgmrec_jax.data import Dataset, DatasetError
 from lgmrec_jax.early_stopping import EarlyStopping
 from lgmrec_jax.graph import build_graph
 from lgmrec_jax.workdir import RunError, Workdir, run_identity, versions, write_json_atomic
-from lgmrec_jax.workdir import BEHAVIOUR_BEFORE_KEY, identity_differences  # noqa: F401  TEMP-EXPORT
 
 FINISHED = ("early_stopped", "max_epochs")  # summary.json statuses of a run that ended normally
 
