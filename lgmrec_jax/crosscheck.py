@@ -616,7 +616,7 @@ def plot(comparison: dict, path: str) -> bool:
 
 def write_outputs(out: str, payload: dict) -> list[str]:
     """crosscheck.{md,json,png} in ``out``, each written whole and renamed into place."""
-    from lgmrec_jax.run import write_json_atomic
+    from lgmrec_jax.workdir import write_json_atomic
 
     os.makedirs(out, exist_ok=True)
     written = []
