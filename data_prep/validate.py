@@ -63,7 +63,7 @@ USAGE = "usage: python -m data_prep.validate DATASET_DIR"
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) == 2 and argv[1] in ("-h", "--help"):
+    if len(argv) == 2 and argv[1] in ("-h", "--help", "--helpfull"):
         print(f"{USAGE}\n\n{__doc__.strip()}")
         return 0
     if len(argv) != 2:
