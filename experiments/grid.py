@@ -1,7 +1,6 @@
 """Trains every config of a grid, same-shape configs together as one compiled program.
 
     python -m experiments.grid --grid=alpha --dataset=synthetic_baby
-    python -m experiments.grid --grid=ablation --dataset=baby --data_dir=./data --seeds=0,1,2
     python -m experiments.grid --grid=search --dataset=clothing --grid_shard=3/640   # array job 3 of 640
 
 A grid is a file under ``experiments/grids/`` (or any ``.py`` path) with ``sweep(add)`` or

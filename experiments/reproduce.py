@@ -4,30 +4,11 @@
     python -m experiments.reproduce --data_dir=./data --variant=fixed --datasets=baby
     python -m experiments.reproduce --synthetic --config_overrides=epochs=2   # smoke run, no real data
 
-Each dataset trains with the paper's settings (``lgmrec_jax.configs.for_dataset(name)``: SPEC §4.5,
-sports with the logged n_ui_layers 2 / n_hyper_layer 4) in ``<workdir_root>/<variant>/<name>``
-through ``lgmrec_jax.run.train_and_evaluate``, so rerunning the command resumes unfinished runs and
-reuses finished ones. Then ``<workdir_root>/reproduction.md`` and ``reproduction.json`` compare our
-best epoch, valid R@20 and test R@10/R@20/N@10/N@20/P@20/MAP@20 with the numbers the reference's log
-files say (``--reference_logs``, read by ``lgmrec_jax.reference_log``; the authors' logs give SPEC §6.1);
-they cover the datasets of the latest invocation (rerunning a finished one only reloads it).
-
-``--variant=legacy`` (the default) replays the revision that produced the logs, with its text
-user-hyperedge bug (SPEC §3.8 Q1, config key ``legacy_text_user_hyper``); ``--variant=fixed`` is the
-corrected model, whose differences then include the effect of the fix.
-
-Synthetic stand-ins. ``--synthetic`` trains on the ``synthetic_<name>`` presets (same user, item and
-interaction counts as the real data; generated under --data_dir on first use) instead of the real
-data. ``--synthetic_preset=PRESET`` (with ``--synthetic``) puts one preset under every dataset,
-e.g. ``tiny`` for a test that runs in seconds; the full-size presets take tens of seconds per epoch
-on a CPU. The design keeps the data and the settings separate: only the data is swapped, each
-dataset still trains with its own paper config (and overrides), so a smoke run exercises the same
-code path as a real reproduction. With synthetic data, config overrides, or data whose user/item
-counts differ from the logged ones, the reference column is still shown, marked not comparable with
-the reasons.
-
-Exit status: 0 when every dataset ran; 1 when one failed (its error is in the report and on stderr,
-the others still run); 2 for a bad command line.
+Each dataset trains with the paper's settings in ``<workdir_root>/<variant>/<name>`` (a rerun resumes),
+then ``reproduction.md`` and ``.json`` set our best epoch and metrics beside the numbers the reference's
+log files hold (``--reference_logs``, read by lgmrec_jax.reference_log). ``--variant=legacy`` (default)
+is the revision behind the logs; ``--synthetic`` swaps in the ``synthetic_<name>`` presets (marked not
+comparable). Exit 0 when every dataset ran, 1 when one failed, 2 for a bad command line.
 """
 
 from __future__ import annotations

@@ -2,26 +2,13 @@
 
     python -m lgmrec_jax.crosscheck --reference=LOG[,LOG...] --runs=WORKDIR[,WORKDIR...] [--out=DIR]
 
-``--reference`` names log files the reference (MMRec's ``quick_start``) wrote, ``--runs`` our workdirs
-(single runs or grids, every config of a grid); a directory or a glob stands for several. Each
-reference tuple and each of our runs is one sample (one seed). Samples are grouped by their settings
-(the log's config and tuple; our resolved config.json) and like is paired with like: a difference in
-any compared setting (``SETTINGS``, the dataset's name and size, the variant where ``--reference_variant``
-names it) is listed key by key and refused unless ``--compare_anyway``.
-
-For each pair: the best-validation-epoch test value of every metric (``--metrics``) and the per-seed
-means over epoch windows (``--windows``; no selection noise), each side's mean ± std and n, the
-difference ours − reference with its 95% Welch interval, and two verdicts that account for testing
-many statistics at once: *different* when the Holm-adjusted Welch p is below ``--significance``;
-*equivalent within ±m* when the Holm-adjusted TOST p is (m: ``--margin``, by default 2% of the
-reference's mean), and otherwise the seeds per side that would likely show equivalence. Also the best
-epochs of both sides, the per-epoch mean curves, the summed train loss, and the epoch and evaluation
-wall times with their ratio (machine-dependent). The report is printed as Markdown; ``--out`` also
-writes crosscheck.md, crosscheck.json and, with matplotlib, crosscheck.png (curves with seed bands).
-
-Exit status: 0 when no statistic is *different*, 1 when one is, 2 for bad input (a file that is not a
-log, a workdir that cannot be read, settings that differ without ``--compare_anyway``); errors are one
-``error: ...`` line and nothing is written.
+Each reference tuple and each of our runs (single runs or every config of a grid) is one seed. Like is
+paired with like: a difference in any compared setting (``SETTINGS``, the dataset's name and size) is
+listed key by key and refused unless ``--compare_anyway``. Per metric, at the best validation epoch and
+as per-epoch means over windows: mean ± std and n of each side, the difference with its Welch interval,
+*different* (Holm-adjusted Welch p) and *equivalent within ±m* (Holm-adjusted TOST, m 2% of the
+reference's mean by default); also the curves, train losses and wall times. Markdown on stdout; ``--out``
+adds JSON and, with matplotlib, a PNG. Exit 0 when nothing differs, 1 when a statistic does, 2 bad input.
 """
 
 from __future__ import annotations
