@@ -63,8 +63,11 @@ def trained(data_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module", autouse=True)
 def export_flags():
-    if "what" not in FLAGS:
-        export.define_flags()
+    # Another test module may have defined a global --out (experiments.precision_emulation): drop it.
+    for name in ("out", "what"):
+        if name in FLAGS:
+            delattr(FLAGS, name)
+    export.define_flags()
 
 
 def run_main(capsys, *args):
