@@ -58,6 +58,7 @@ class SplitTops(NamedTuple):
     scores: Optional[jax.Array] = None  # with_scores: the masked scores of those items (-inf on -1 pads)
 
 
+EVAL_SPLITS = ("valid", "test")  # evaluated in this order; see evaluated_splits
 SPLIT_PAD = -2  # never an item index, nor top-k's -1 padding
 
 
@@ -75,6 +76,12 @@ def block_mask(users: np.ndarray, indptr: np.ndarray, items: np.ndarray):
     rows = np.repeat(np.arange(len(users)), counts)
     starts = np.repeat(indptr[users] - np.cumsum(counts) + counts, counts)
     return rows, items[starts + np.arange(counts.sum())]
+
+
+def evaluated_splits(pairs: dict) -> list[str]:
+    """The splits an evaluation covers (those with rows), in order: split i's noise key is the epoch's
+    evaluation key folded with i."""
+    return [name for name in EVAL_SPLITS if len(pairs[name])]
 
 
 def plan_split(train: np.ndarray, split_pairs: np.ndarray, n_users: int, n_items: int,

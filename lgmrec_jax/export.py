@@ -34,7 +34,6 @@ from lgmrec_jax.model import LGMRec
 
 WHAT = ("recommendations", "embeddings", "hyperedges")
 SPLITS = ("test", "valid", "all")
-EVALUATED_SPLITS = ("valid", "test")  # run.Experiment's order: a split's key is folded with its index here
 FORWARD_KEY_INDEX = 2  # --split=all and the embeddings/hyperedges: the index after the evaluated splits
 ID_MAPS = {"user": ("u_id_mapping.csv", "userID"), "item": ("i_id_mapping.csv", "itemID")}
 TSV_CHUNK = 50_000  # users formatted at a time
@@ -497,7 +496,7 @@ def _export_recommendations(exported: Model, staging: Staging, manifest: dict, s
         index = FORWARD_KEY_INDEX
     else:
         plan = evaluation.plan_split(ds.train, pairs[split], ds.n_users, ds.n_items, cfg.eval_batch_size)
-        index = [s for s in EVALUATED_SPLITS if len(pairs[s])].index(split)  # as run.Experiment plans them
+        index = evaluation.evaluated_splits(pairs).index(split)
     logging.info("%s: top-%d of %d users, in %d blocks of %d", split, k, len(plan.users), plan.block_users.shape[0],
                  plan.block_users.shape[1])
     lists = exported.top_k(plan, index, k)

@@ -62,8 +62,9 @@ class Experiment:
             raise DatasetError(f"{ds.path or ds.name}: {err}") from None
         self.batches = sampler_lib.Prefetcher(self.sampler)  # epoch e + 1 is sampled while e trains
         self.runner = parallel.make_runner(self.model, self.optimizer, cfg)
-        self.plans = {name: evaluation.plan_split(ds.train, pairs, ds.n_users, ds.n_items, cfg.eval_batch_size)
-                      for name, pairs in (("valid", ds.valid), ("test", ds.test)) if len(pairs)}
+        pairs = {"valid": ds.valid, "test": ds.test}
+        self.plans = {name: evaluation.plan_split(ds.train, pairs[name], ds.n_users, ds.n_items, cfg.eval_batch_size)
+                      for name in evaluation.evaluated_splits(pairs)}
         self.eval_arrays = {name: p.device_arrays() for name, p in self.plans.items()}
         self.evaluate_split = jax.jit(evaluation.make_split_evaluator(
             self.model, cfg.eval_noise, cfg.eval_topk, evaluation.resolve_score_chunk(cfg.eval_score_chunk)))
