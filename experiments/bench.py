@@ -19,7 +19,6 @@ import datetime
 import itertools
 import json
 import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -32,15 +31,13 @@ from typing import NamedTuple, Optional
 from absl import app, flags, logging
 
 from experiments import trace_summary  # no jax either: plain JSON
+from experiments.benchmarking import (REFERENCE_CPU, REFERENCE_GPU, REPO, CpuMeter, ReportError,
+                                      code_fingerprint, git_state, json_text, machine, median, read_json,
+                                      wait_idle, write_texts)
 from lgmrec_jax import cli  # no jax either
 from lgmrec_jax.configs import default as default_config  # no jax: the config module is plain Python
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRESET_NAMES = ("tiny", "default", "baby", "sports", "clothing")
-# The authors' PyTorch code on this project's 2-core CPU machine, baby scale, steady state.
-REFERENCE_CPU = {"synthetic_baby": {"epoch_s": 45.0}}
-# The authors' code on one H100 at clothing scale, steady state.
-REFERENCE_GPU = {"synthetic_clothing": {"epoch_s": 3.0, "eval_s": 4.7}}
 RESULT_FIELDS = ("dataset", "kernel", "matmul_precision", "n_users", "n_items", "n_train", "n_batches",
                  "setup_s", "compile", "first_epoch_s", "epoch_s", "epoch_times_s", "sampler_s",
                  "steps_per_s", "eval_s", "eval_times_s", "eval_compile_s", "memory")
@@ -336,111 +333,7 @@ PATCHES = {"infonce_vmap": _patch_infonce_vmap, "feature_matmul_autodiff": _patc
            "wait_each_split": _patch_wait_each_split}
 
 
-# ----------------------------------------------------------------------------------- machine
-
-
-def code_fingerprint() -> str:
-    """sha256 (12 hex) of lgmrec_jax/*.py as they are on disk when a configuration starts: the working
-    tree may change between configurations while other people work in it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    package = os.path.join(REPO, "lgmrec_jax")
-    for name in sorted(os.listdir(package)):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name), "rb") as handle:
-                digest.update(name.encode() + b"\0" + handle.read())
-    return digest.hexdigest()[:12]
-
-
-def git_state() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
-        except (OSError, subprocess.SubprocessError):
-            return ""
-
-    changed = [line[3:] for line in git("status", "--porcelain", "--", "lgmrec_jax").splitlines()]
-    return {"commit": git("rev-parse", "HEAD").strip(), "lgmrec_jax_uncommitted": changed}
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def machine() -> dict:
-    import jax
-
-    from lgmrec_jax.workdir import versions
-
-    dev = jax.devices()[0]
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        mem_gib = None
-    return {"backend": jax.default_backend(), "device_kind": dev.device_kind, "device_count": jax.device_count(),
-            "cpu": cpu_model(), "cpu_count": os.cpu_count(), "host_memory_gib": mem_gib,
-            "platform": platform.platform(), "versions": versions(), "git": git_state()}
-
-
-class CpuMeter:
-    """Process CPU seconds and the share of the machine's CPU capacity used by *other* processes
-    over an interval (from /proc/stat and os.times), to tell contended measurements apart.
-
-    A shared CPU machine skews wall-clock times; ``others_share`` near 0 means the measurement had
-    the machine to itself, 0.5 on a 2-core machine means another process kept one core busy.
-    """
-
-    def __init__(self):
-        self.start = self._snapshot()
-
-    @staticmethod
-    def _snapshot():
-        times = os.times()
-        own = times.user + times.system
-        try:
-            with open("/proc/stat") as handle:
-                fields = [int(x) for x in handle.readline().split()[1:]]
-            tick = os.sysconf("SC_CLK_TCK")
-            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-            total = sum(fields[:8])
-            return own, (total - idle) / tick, total / tick
-        except (OSError, ValueError, IndexError):
-            return own, None, None
-
-    def stop(self) -> dict:
-        own1, busy1, total1 = self._snapshot()
-        own0, busy0, total0 = self.start
-        out = {"cpu_s": own1 - own0}
-        # /proc/stat counts in clock ticks (10 ms): intervals under 0.5 s per CPU give no usable share.
-        if busy0 is not None and total1 - total0 > 0.5 * (os.cpu_count() or 1):
-            out["others_share"] = min(max((busy1 - busy0 - (own1 - own0)) / (total1 - total0), 0.0), 1.0)
-        return out
-
-
-def others_busy(seconds: float = 2.0) -> Optional[float]:
-    """Share of the machine's CPU capacity used by other processes over ``seconds``."""
-    meter = CpuMeter()
-    time.sleep(seconds)
-    return meter.stop().get("others_share")
-
-
-def wait_idle(max_wait_s: float, threshold: float = 0.2) -> Optional[float]:
-    """Waits (up to max_wait_s) until other processes use under ``threshold`` of the CPUs."""
-    deadline = time.time() + max_wait_s
-    share = others_busy()
-    while share is not None and share > threshold and time.time() < deadline:
-        logging.info("other processes use %.0f%% of the CPUs; waiting", 100 * share)
-        time.sleep(10)
-        share = others_busy()
-    return share
+# ----------------------------------------------------------------------------------- memory
 
 
 def rss_mb() -> float:
@@ -475,12 +368,6 @@ def sync(tree):
     import jax
 
     return jax.block_until_ready(tree)
-
-
-def median(values):
-    values = sorted(values)
-    n = len(values)
-    return None if not n else (values[n // 2] if n % 2 else 0.5 * (values[n // 2 - 1] + values[n // 2]))
 
 
 def run_config(spec: dict) -> dict:
@@ -1014,10 +901,9 @@ def run_benchmark(settings: Settings, argv: Optional[list] = None) -> dict:
 def load_report(path: str) -> dict:
     """An earlier bench_<tag>.json for --append; BenchError (one line) if it is not one."""
     try:
-        with open(path) as handle:
-            report = json.load(handle)
-    except ValueError as err:
-        raise BenchError(f"{path}: not valid JSON ({err}); --append adds to it: repair or move it") from None
+        report = read_json(path)
+    except ReportError as err:
+        raise BenchError(f"{err}; --append adds to it: repair or move it") from None
     if not isinstance(report, dict) or not all(isinstance(report.get(k), list) for k in ("runs", "results")):
         raise BenchError(f"{path}: not a benchmark report (no runs and results lists); --append adds to it: "
                          f"repair or move it")
@@ -1031,16 +917,9 @@ def paths(settings: Settings, backend: str) -> tuple[str, str]:
 
 
 def write_report(report: dict, settings: Settings) -> None:
-    os.makedirs(settings.out, exist_ok=True)
     json_path, md_path = paths(settings, report["machine"]["backend"])
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as handle:
-        json.dump(report, handle, indent=2, sort_keys=True)
-        handle.write("\n")
-    os.replace(tmp, json_path)
-    with open(md_path + ".tmp", "w") as handle:
-        handle.write(markdown(report, load_proxy(settings.out, report["machine"]["backend"])))
-    os.replace(md_path + ".tmp", md_path)
+    write_texts({json_path: json_text(report),
+                 md_path: markdown(report, load_proxy(settings.out, report["machine"]["backend"]))})
 
 
 def load_proxy(out: str, backend: str) -> Optional[dict]:

@@ -19,9 +19,7 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import json  # noqa: E402
-import platform  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -29,6 +27,8 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 
+from experiments import benchmarking  # noqa: E402
+from experiments.benchmarking import timed  # noqa: E402
 from lgmrec_jax import cli, train as _train  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -53,13 +53,6 @@ def define_flags() -> None:
     flags.DEFINE_string("seed_check_batching", "map", "Batching of the seeds grid in --seed_check.")
     flags.DEFINE_float("wait_idle_s", 0.0, "Wait up to this long for the 1-minute load average to fall below "
                        "half the cores before measuring (other processes distort CPU timings).")
-
-
-def timed(fn):
-    tick = time.perf_counter()
-    out = fn()
-    jax.block_until_ready(out)
-    return out, time.perf_counter() - tick
 
 
 def configs_for(base, k: int):
@@ -129,14 +122,16 @@ def bench_group(base, ds, k: int, n_devices: int, epochs: int, evaluate: bool = 
 
 def seed_check(dataset: str, data_dir: str, epochs: int, workdir: str, batching: str) -> dict:
     """The 8-seed grid as one program against 8 single runs; returns the comparison."""
-    from experiments import grid as grid_lib
+    from experiments import grids
     from lgmrec_jax import configs, run
     from lgmrec_jax.data import load_dataset
+    from lgmrec_jax.grid import runner
 
     overrides = {"epochs": epochs, "stopping_step": 1000, "num_devices": 1}
     tick = time.perf_counter()
-    result = grid_lib.run_grid("seeds", dataset, data_dir, os.path.join(workdir, "grid"), overrides, restart=True,
-                               batching=batching)
+    result = runner.run_grid(runner.GridOptions(grid="seeds", grids_dir=grids.DIR, dataset=dataset, data_dir=data_dir,
+                                                workdir=os.path.join(workdir, "grid"), base_overrides=overrides,
+                                                restart=True, batching=batching))
     grid_s = time.perf_counter() - tick
     group = {json.load(open(os.path.join(workdir, "grid", "configs", cid, "config.json")))["grid"]["group"]
              for cid in result["summaries"]}
@@ -179,33 +174,18 @@ def read_jsonl(path):
         return [json.loads(line) for line in handle]
 
 
-def wait_idle(limit_s: float) -> dict:
-    """Waits (up to limit_s) for a quiet machine; returns the load average seen when starting."""
-    deadline = time.time() + limit_s
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    while time.time() < deadline and os.getloadavg()[0] >= cores / 2:
-        time.sleep(5)
-    return {"loadavg_at_start": os.getloadavg()}
-
-
 def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as handle:
-            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    """The machine as this report records it (fields of its own, not benchmarking.machine's)."""
     import flax
     import optax
 
     return {"backend": jax.default_backend(), "devices": [str(d) for d in jax.local_devices()],
-            "device_kind": jax.local_devices()[0].device_kind, "cpu": cpu, "cpu_count": os.cpu_count(),
+            "device_kind": jax.local_devices()[0].device_kind, "cpu": benchmarking.cpu_model(),
+            "cpu_count": os.cpu_count(),
             "affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
             "python": sys.version.split()[0], "jax": jax.__version__, "flax": flax.__version__,
             "optax": optax.__version__, "numpy": np.__version__,
-            "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                  cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip()}
+            "git": benchmarking.git("rev-parse", "--short", "HEAD").strip()}
 
 
 def machine_line(m: dict) -> str:
@@ -311,26 +291,20 @@ def check_flags() -> None:
 
 def read_result(json_path: str) -> dict:
     """The sections measured before (each invocation adds or replaces its own); one line if unreadable."""
-    if not os.path.exists(json_path):
-        return {}
     try:
-        with open(json_path) as handle:
-            result = json.load(handle)
-    except ValueError as err:
-        cli.fail(f"{json_path}: not valid JSON ({err}); this command adds to it: repair or move it")
+        result = benchmarking.read_json(json_path)
+    except benchmarking.ReportError as err:
+        cli.fail(f"{err}; this command adds to it: repair or move it")
+    if result is None:
+        return {}
     if not isinstance(result, dict):
         cli.fail(f"{json_path}: not a JSON object; this command adds to it: repair or move it")
     return result
 
 
 def write_result(result: dict, json_path: str, md_path: str) -> None:
-    from lgmrec_jax.workdir import write_json_atomic
-
-    os.makedirs(os.path.dirname(json_path) or ".", exist_ok=True)
-    write_json_atomic(json_path, result)  # a killed write leaves the earlier sections whole
-    with open(md_path + ".tmp", "w") as handle:
-        handle.write(markdown(result))
-    os.replace(md_path + ".tmp", md_path)
+    # a killed write leaves the earlier sections whole
+    benchmarking.write_texts({json_path: benchmarking.json_text(result), md_path: markdown(result)})
 
 
 def main(argv):
@@ -349,13 +323,13 @@ def main(argv):
         ds = load_dataset(FLAGS.data_dir, FLAGS.dataset)
     except DatasetError as err:
         cli.fail(str(err))
-    load = wait_idle(FLAGS.wait_idle_s)
+    load = benchmarking.wait_low_load(FLAGS.wait_idle_s)
     if FLAGS.seed_check:
         import tempfile
 
-        from experiments import grid as grid_lib
+        from lgmrec_jax.grid import runner
 
-        grid_lib.setup_compilation_cache("")  # no cache: the wall times include compiling
+        runner.setup_compilation_cache("")  # no cache: the wall times include compiling
         workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="seed_check_")  # --workdir: lgmrec_jax.train's flag
         check = seed_check(FLAGS.dataset, FLAGS.data_dir, FLAGS.seed_check_epochs, workdir, FLAGS.seed_check_batching)
         here = machine()

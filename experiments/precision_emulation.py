@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ from jax import lax
 from jax._src.interpreters import mlir
 from jax._src.lax import lax as lax_internal
 
-from experiments import bench
+from experiments import benchmarking
 from lgmrec_jax import parity
 from lgmrec_jax import cli
 from lgmrec_jax.cli import parse_flags, setup_logging
@@ -219,22 +218,8 @@ def write_results(out: str, tag: str, report: dict) -> str:
     """Writes ``<out>/precision_emulation_<tag>.{json,md}``: both temporary files first, then both
     renamed, so a failed write (a full disk) leaves the previous pair and no temporary file; returns
     the stem."""
-    os.makedirs(out, exist_ok=True)
     stem = os.path.join(out, f"precision_emulation_{tag}")
-    tmps = {stem + ".json.tmp": stem + ".json", stem + ".md.tmp": stem + ".md"}
-    texts = (json.dumps(report, indent=2, sort_keys=True) + "\n", markdown(report))
-    try:
-        for tmp, text in zip(tmps, texts):
-            with open(tmp, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
-        for tmp, path in tmps.items():
-            os.replace(tmp, path)
-    finally:
-        for tmp in tmps:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    benchmarking.write_texts({stem + ".json": benchmarking.json_text(report), stem + ".md": markdown(report)})
     return stem
 
 
@@ -270,7 +255,7 @@ def main(argv):
         return 2
     report = {
         "command": " ".join(["python -m experiments.precision_emulation", *sys.argv[1:]]),
-        "started": started, "machine": bench.machine(),
+        "started": started, "machine": benchmarking.machine(),
         "goldens": {name: {p: summary(r) for p, r in by.items()} for name, by in rows.items()},
         "errors": {name: {p: {r.name: r.error for r in rs} for p, rs in by.items()} for name, by in rows.items()},
     }

@@ -15,14 +15,12 @@ from __future__ import annotations
 import datetime
 import os
 import sys
-import time
 
 import numpy as np
 from absl import app, flags
 
-from experiments import bench
+from experiments import benchmarking
 from lgmrec_jax import cli
-from lgmrec_jax.workdir import write_json_atomic
 
 METHODS = ("scores", "direct", "grouped", "grouped_pruned")
 FLAGS = flags.FLAGS
@@ -34,7 +32,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("chunk", 256, "Users scored at a time (evaluation.CPU_SCORE_CHUNK on CPUs).")
     flags.DEFINE_integer("repeats", 5, "Timed calls per method after one warm-up (median reported).")
     flags.DEFINE_list("methods", list(METHODS), f"Methods among {METHODS}.")
-    flags.DEFINE_string("out", os.path.join(bench.REPO, "experiments", "results"), "Results directory.")
+    flags.DEFINE_string("out", os.path.join(benchmarking.REPO, "experiments", "results"), "Results directory.")
     flags.DEFINE_string("tag", "", "Result file suffix: topk_<tag>.json/md (default: the backend).")
 
 
@@ -66,15 +64,9 @@ def chunked(fn, chunk: int):
 
 
 def time_calls(fn, repeats: int) -> list[float]:
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - tick)
-    return times
+    """Seconds of ``repeats`` calls after one warm-up call."""
+    benchmarking.timed(fn)
+    return [benchmarking.timed(fn)[1] for _ in range(repeats)]
 
 
 def measure(n_items: int, rows: int, chunk: int, methods, repeats: int) -> list[dict]:
@@ -130,12 +122,9 @@ def main(argv) -> int:
     for n in widths:
         results += measure(n, FLAGS.rows, FLAGS.chunk, FLAGS.methods, FLAGS.repeats)
     report = {"command": "python -m experiments.topk_bench " + " ".join(sys.argv[1:]), "started": started,
-              "machine": bench.machine(), "results": results}
+              "machine": benchmarking.machine(), "results": results}
     stem = os.path.join(FLAGS.out, f"topk_{FLAGS.tag or jax.default_backend()}")
-    os.makedirs(FLAGS.out, exist_ok=True)
-    write_json_atomic(stem + ".json", report)
-    with open(stem + ".md", "w") as handle:
-        handle.write(markdown(report))
+    benchmarking.write_texts({stem + ".json": benchmarking.json_text(report), stem + ".md": markdown(report)})
     print(f"wrote {stem}.json and {stem}.md")
     return 0 if all(r["same_as_direct"] is not False for r in results) else 1
 

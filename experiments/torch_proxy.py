@@ -14,7 +14,6 @@ computes the reference's numbers. ``--device=cuda`` runs it on a GPU. Results:
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import platform
 import random
@@ -25,6 +24,7 @@ from typing import NamedTuple
 import numpy as np
 from absl import app, flags
 
+from experiments import benchmarking
 from lgmrec_jax import cli
 from lgmrec_jax import data as data_lib
 from lgmrec_jax import metrics as metrics_lib
@@ -386,19 +386,15 @@ def time_dataset(ds: data_lib.Dataset, name: str, device: str, epochs_to_time: i
 
 def machine(device: str) -> dict:
     torch = _torch()
-    from experiments import bench
-
-    info = {"cpu": bench.cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+    info = {"cpu": benchmarking.cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "versions": {"torch": torch.__version__, "numpy": np.__version__,
-                         "python": platform.python_version()}, "git": bench.git_state()}
+                         "python": platform.python_version()}, "git": benchmarking.git_state()}
     if device != "cpu":
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
 
 
 def markdown(report: dict) -> str:
-    from experiments.bench import REFERENCE_CPU, REFERENCE_GPU
-
     m = report["machine"]
     where = m.get("gpu") or f"{m['cpu']}, {m['cpu_count']} CPU cores"
     lines = [f"# PyTorch cost proxy of the reference ({report['device']})", "",
@@ -414,7 +410,7 @@ def markdown(report: dict) -> str:
              "| dataset | users | items | train rows | batches | torch threads | epoch (median) | epochs | "
              "eval valid+test (median) | evals | reference epoch | reference eval |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    refs = REFERENCE_CPU if report["device"] == "cpu" else REFERENCE_GPU
+    refs = benchmarking.REFERENCE_CPU if report["device"] == "cpu" else benchmarking.REFERENCE_GPU
     for r in report["results"]:
         ref = refs.get(r["dataset"], {})
         lines.append(f"| {r['dataset']} | {r['n_users']} | {r['n_items']} | {r['n_train']} | {r['n_batches']} | "
@@ -464,13 +460,9 @@ def main(argv):
               "started": started,
               "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(FLAGS.device), "results": results}
-    os.makedirs(FLAGS.out, exist_ok=True)
     base = os.path.join(FLAGS.out, f"torch_proxy_{FLAGS.tag or FLAGS.device}")
-    for suffix, text in ((".json", json.dumps(report, indent=1) + "\n"), (".md", markdown(report))):
-        tmp = base + suffix + ".tmp"
-        with open(tmp, "w") as handle:
-            handle.write(text)
-        os.replace(tmp, base + suffix)
+    benchmarking.write_texts({base + ".json": benchmarking.json_text(report, indent=1, sort_keys=False),
+                              base + ".md": markdown(report)})
     print(markdown(report))
     return 0
 

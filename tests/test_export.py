@@ -16,9 +16,9 @@ import pytest
 from absl import flags
 
 from conftest import read_jsonl
-from experiments import grid as grid_lib
 from lgmrec_jax import cli, configs, export, metrics as metrics_lib, run as run_lib
 from lgmrec_jax.data import load_dataset
+from lgmrec_jax.grid import runner as grid_runner
 from lgmrec_jax.model import l2_normalize
 
 FLAGS = flags.FLAGS
@@ -29,7 +29,7 @@ def compilation_cache(tmp_path_factory):
     """A persistent compilation cache for this module; the previous settings are restored after."""
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = {n: getattr(jax.config, n) for n in names}
-    grid_lib.setup_compilation_cache(os.environ.get("LGMREC_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax")))
+    grid_runner.setup_compilation_cache(os.environ.get("LGMREC_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax")))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield
     for n, v in old.items():
@@ -190,9 +190,10 @@ def test_a_grid_config_exports_from_its_group_checkpoints(data_dir, tmp_path):
     grid = tmp_path / "g.py"
     grid.write_text("def sweep(add):\n    for seed in (0, 1):\n        add(seed=seed)\n")
     workdir = tmp_path / "grid"
-    grid_lib.run_grid(str(grid), "plain", str(tmp_path / "data"), str(workdir),
-                      {"epochs": 3, "stopping_step": 100, "eval_batch_size": 16, "embedding_size": 8,
-                       "feat_embed_dim": 8, "keep_checkpoints": 2}, plots=False)
+    grid_runner.run_grid(grid_runner.GridOptions(
+        grid=str(grid), dataset="plain", data_dir=str(tmp_path / "data"), workdir=str(workdir),
+        base_overrides={"epochs": 3, "stopping_step": 100, "eval_batch_size": 16, "embedding_size": 8,
+                        "feat_embed_dim": 8, "keep_checkpoints": 2}, plots=False))
     config = workdir / "configs" / "seed=1"  # the group's second slot
     rows = read_jsonl(config / "metrics.jsonl")
     out = tmp_path / "out"

@@ -18,15 +18,25 @@ import pytest
 
 from conftest import REPO, free_port, read_jsonl
 from lgmrec_jax.records import strip_timing
-from experiments import grid as grid_lib
-from experiments import grid_merge
 from lgmrec_jax import configs, run as run_lib
+from lgmrec_jax.grid import GridError, merge as grid_merge, runner, sharding, spec, tables
 from lgmrec_jax import workdir as workdir_lib
 from lgmrec_jax.data import DatasetError, load_dataset
 
+GRIDS_DIR = os.path.join(REPO, "experiments", "grids")  # the shipped sweeps
 TINY = {"epochs": 3, "stopping_step": 100}
 PLAIN = {"epochs": 2, "stopping_step": 100, "train_batch_size": 128, "eval_batch_size": 16,
          "embedding_size": 8, "feat_embed_dim": 8, "keep_checkpoints": 2}
+
+
+def run_grid(grid, dataset, data_dir, workdir=None, base_overrides=None, **options):
+    """runner.run_grid, its GridOptions given as arguments (named grids from the shipped directory)."""
+    return runner.run_grid(runner.GridOptions(grid=grid, dataset=dataset, data_dir=data_dir, workdir=workdir,
+                                              base_overrides=base_overrides or {}, grids_dir=GRIDS_DIR, **options))
+
+
+def expand(name, dataset, base, seeds=None):
+    return spec.expand(name, dataset, base, seeds, GRIDS_DIR)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,7 +45,7 @@ def compilation_cache(tmp_path_factory):
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
     old = {n: getattr(jax.config, n) for n in names}
     path = os.environ.get("LGMREC_TEST_JAX_CACHE") or str(tmp_path_factory.mktemp("jax_cache"))
-    grid_lib.setup_compilation_cache(path)
+    runner.setup_compilation_cache(path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     yield path
     for n, v in old.items():
@@ -88,7 +98,7 @@ def assert_close_runs(rows_a, rows_b, rtol=2e-5):
 def test_seed_grid_is_one_program_equal_to_single_runs(synthetic_dir, tmp_path):
     """The shipped 8-seed grid on synthetic_tiny: one group, and each seed's metrics.jsonl and
     summary.json equal those of a single run with that seed."""
-    result = grid_lib.run_grid("seeds", "synthetic_tiny", synthetic_dir, str(tmp_path / "grid"), TINY)
+    result = run_grid("seeds", "synthetic_tiny", synthetic_dir, str(tmp_path / "grid"), TINY)
     assert len(result["summaries"]) == 8
     groups = {json.load(open(tmp_path / "grid" / "configs" / cid / "config.json"))["grid"]["group"]
               for cid in result["summaries"]}
@@ -112,14 +122,14 @@ def test_seed_grid_is_one_program_equal_to_single_runs(synthetic_dir, tmp_path):
 
 def test_shards_merge_into_the_unsharded_tables(plain_dir, tmp_path):
     g = grid_file(tmp_path, ALPHA_SEEDS)
-    whole = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "whole"), PLAIN)
-    parts = [grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / f"host{i}"), PLAIN, shard=(i, 2))
+    whole = run_grid(g, "plain", plain_dir, str(tmp_path / "whole"), PLAIN)
+    parts = [run_grid(g, "plain", plain_dir, str(tmp_path / f"host{i}"), PLAIN, shard=(i, 2))
              for i in range(2)]
     assert sorted(parts[0]["configs"] + parts[1]["configs"]) == sorted(whole["configs"])
     assert not set(parts[0]["configs"]) & set(parts[1]["configs"])
     assert os.path.exists(tmp_path / "host1" / "shards" / "1-of-2" / "results.csv")
 
-    with pytest.raises(grid_lib.GridError, match="2 of 4 configs have no final result"):
+    with pytest.raises(GridError, match="2 of 4 configs have no final result"):
         grid_merge.merge([str(tmp_path / "host0")], str(tmp_path / "partial"))
     partial = grid_merge.merge([str(tmp_path / "host0")], str(tmp_path / "partial"), allow_partial=True)
     assert partial["missing"] == 2
@@ -135,16 +145,16 @@ def test_shards_merge_into_the_unsharded_tables(plain_dir, tmp_path):
     assert md.count("| ★ |") == 1 and "selects on the test set" in md
 
     # A --workdir that holds another grid, or files of no grid, is refused before anything is replaced.
-    other = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "other"), {**PLAIN, "epochs": 1}, shard=(0, 2))
+    other = run_grid(g, "plain", plain_dir, str(tmp_path / "other"), {**PLAIN, "epochs": 1}, shard=(0, 2))
     recorded = (tmp_path / "other" / "grid.json").read_text()
-    with pytest.raises(grid_lib.GridError, match=r"other/grid.json describes another grid than .*host0/grid.json "
+    with pytest.raises(GridError, match=r"other/grid.json describes another grid than .*host0/grid.json "
                                                  r"\(differs in base_overrides\): merging would replace its configs"):
         grid_merge.merge([str(tmp_path / "host0"), str(tmp_path / "host1")], str(tmp_path / "other"))
     assert (tmp_path / "other" / "grid.json").read_text() == recorded
     assert sorted(os.listdir(tmp_path / "other" / "configs")) == sorted(other["configs"])
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine\n")
-    with pytest.raises(grid_lib.GridError, match=r"mine: not empty and not a grid workdir \(no grid.json\)"):
+    with pytest.raises(GridError, match=r"mine: not empty and not a grid workdir \(no grid.json\)"):
         grid_merge.merge([str(tmp_path / "host0"), str(tmp_path / "host1")], str(tmp_path / "mine"))
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
@@ -152,10 +162,10 @@ def test_shards_merge_into_the_unsharded_tables(plain_dir, tmp_path):
 def test_killed_group_resumes_and_finished_configs_are_skipped(plain_dir, tmp_path):
     g = grid_file(tmp_path, ALPHA_SEEDS)
     kw = dict(base_overrides=PLAIN, shard=(0, 2))
-    straight = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "a"), **kw)
-    interrupted = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "b"), stop_after_epochs=1, **kw)
+    straight = run_grid(g, "plain", plain_dir, str(tmp_path / "a"), **kw)
+    interrupted = run_grid(g, "plain", plain_dir, str(tmp_path / "b"), stop_after_epochs=1, **kw)
     assert {s["status"] for s in interrupted["summaries"].values()} == {"interrupted"}
-    resumed = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "b"), **kw)
+    resumed = run_grid(g, "plain", plain_dir, str(tmp_path / "b"), **kw)
     for cid in straight["configs"]:
         assert strip_timing(resumed["summaries"][cid]) == strip_timing(straight["summaries"][cid])
         assert config_outputs(tmp_path / "b", cid) == config_outputs(tmp_path / "a", cid)
@@ -164,7 +174,7 @@ def test_killed_group_resumes_and_finished_configs_are_skipped(plain_dir, tmp_pa
     assert rows[0]["time_s"] >= rows[0]["train_s"] + rows[0]["eval_s"] - 1e-3  # time_s is rounded to 1 ms
     assert rows[1]["time_s"] - rows[0]["time_s"] >= rows[1]["train_s"] + rows[1]["eval_s"] - 2e-3, rows
     before = metrics.stat().st_mtime_ns
-    again = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "b"), **kw)  # all finished: nothing runs
+    again = run_grid(g, "plain", plain_dir, str(tmp_path / "b"), **kw)  # all finished: nothing runs
     assert metrics.stat().st_mtime_ns == before
     assert strip_timing(again["summaries"]) == strip_timing(resumed["summaries"])
 
@@ -178,9 +188,9 @@ def sweep(add):
         add(seed=seed, alpha=0.7)
 """)
     caplog.set_level("INFO")
-    packed = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "packed"), PLAIN, batching="vmap")
+    packed = run_grid(g, "plain", plain_dir, str(tmp_path / "packed"), PLAIN, batching="vmap")
     assert "repacked to 2 slots (2 active)" in caplog.text
-    grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "masked"), PLAIN, batching="vmap", repack=False)
+    run_grid(g, "plain", plain_dir, str(tmp_path / "masked"), PLAIN, batching="vmap", repack=False)
     for cid in packed["configs"]:
         rows_p, summary_p = config_outputs(tmp_path / "packed", cid)
         rows_m, summary_m = config_outputs(tmp_path / "masked", cid)
@@ -192,10 +202,10 @@ def sweep(add):
 def test_devices_and_batchings_give_the_same_results(plain_dir, tmp_path):
     """map on one device against: map over 2 devices, vmap, vmap with column propagation."""
     g = grid_file(tmp_path, ALPHA_SEEDS)
-    one = grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "one"), PLAIN, shard=(0, 2))
-    grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "two"), PLAIN, shard=(0, 2), devices=2)
+    one = run_grid(g, "plain", plain_dir, str(tmp_path / "one"), PLAIN, shard=(0, 2))
+    run_grid(g, "plain", plain_dir, str(tmp_path / "two"), PLAIN, shard=(0, 2), devices=2)
     for batching in ("vmap", "vmap_columns"):
-        grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / batching), PLAIN, shard=(0, 2), batching=batching)
+        run_grid(g, "plain", plain_dir, str(tmp_path / batching), PLAIN, shard=(0, 2), batching=batching)
     for cid in one["configs"]:
         rows_1, summary_1 = config_outputs(tmp_path / "one", cid)
         for other in ("two", "vmap", "vmap_columns"):
@@ -238,7 +248,7 @@ def test_tables_mean_std_and_selection_by_validation(tmp_path):
                 "test_ndcg@10": 0.1, "test_ndcg@20": 0.05, "test_precision@20": 0.01, "test_map@20": 0.02}
 
     rows = [row(0.1, 0, 0.10, 0.30), row(0.1, 1, 0.12, 0.30), row(0.5, 0, 0.20, 0.20), row(0.5, 1, 0.22, 0.20)]
-    written = grid_lib.write_tables(manifest, rows, str(tmp_path))
+    written = tables.write_tables(manifest, rows, str(tmp_path))
     md = (tmp_path / "results.md").read_text()
     best_line = next(line for line in md.splitlines() if line.startswith("| ★"))
     assert "alpha=0.5" in best_line and "0.2100 ± 0.0141" in best_line  # by validation, sample std
@@ -253,45 +263,45 @@ def test_tables_mean_std_and_selection_by_validation(tmp_path):
 
 
 def test_grid_validation_errors(tmp_path):
-    base = grid_lib.base_config("synthetic_tiny")
+    base = spec.base_config("synthetic_tiny")
     bogus = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.1)\n    add(bogus_key=1)\n", "bogus.py")
-    with pytest.raises(grid_lib.GridError, match=r"grid 'bogus': add\(bogus_key=...\) sets unknown config key\(s\) "
+    with pytest.raises(GridError, match=r"grid 'bogus': add\(bogus_key=...\) sets unknown config key\(s\) "
                                                  r"'bogus_key'; known keys: .*alpha"):
-        grid_lib.expand(bogus, "synthetic_tiny", base)
+        expand(bogus, "synthetic_tiny", base)
     twice = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.1)\n    add(alpha=0.1)\n", "twice.py")
-    with pytest.raises(grid_lib.GridError, match="adds the config 'alpha=0.1' twice"):
-        grid_lib.expand(twice, "synthetic_tiny", base)
+    with pytest.raises(GridError, match="adds the config 'alpha=0.1' twice"):
+        expand(twice, "synthetic_tiny", base)
     bad = grid_file(tmp_path, "def sweep(add):\n    add(keep_rate=0.0)\n    add(hyper_num='many')\n", "bad.py")
-    points = grid_lib.expand(bad, "synthetic_tiny", base)
-    with pytest.raises(grid_lib.GridError, match=r"config keep_rate=0.0: config: keep_rate is 0.0"):
-        grid_lib.resolve(points[:1], base, bad)
-    with pytest.raises(grid_lib.GridError, match=r"config hyper_num=many: hyper_num='many'"):
-        grid_lib.resolve(points[1:], base, bad)
+    points = expand(bad, "synthetic_tiny", base)
+    with pytest.raises(GridError, match=r"config keep_rate=0.0: config: keep_rate is 0.0"):
+        spec.resolve(points[:1], base, bad)
+    with pytest.raises(GridError, match=r"config hyper_num=many: hyper_num='many'"):
+        spec.resolve(points[1:], base, bad)
     for text in ("2/2", "x", "1/0"):
-        with pytest.raises(grid_lib.GridError, match="expected i/n"):
-            grid_lib.parse_shard(text)
-    with pytest.raises(grid_lib.GridError, match="unknown grid 'nope'; available: ablation, alpha"):
-        grid_lib.load_grid("nope")
+        with pytest.raises(GridError, match="expected i/n"):
+            sharding.parse_shard(text)
+    with pytest.raises(GridError, match="unknown grid 'nope'; available: ablation, alpha"):
+        spec.load_sweep("nope", GRIDS_DIR)
 
 
 def test_shipped_grids_expand_on_synthetic_presets():
-    for name in grid_lib.available_grids():
+    for name in spec.available_grids(GRIDS_DIR):
         for dataset in ("synthetic_tiny", "synthetic_clothing"):
-            base = grid_lib.base_config(dataset)
-            points = grid_lib.expand(name, dataset, base) if name != "search" else None
+            base = spec.base_config(dataset)
+            points = expand(name, dataset, base) if name != "search" else None
             if points is not None:
-                grid_lib.resolve(points, base, name)
-    assert [p.label for p in grid_lib.expand("ablation", "synthetic_tiny", base)] == [
+                spec.resolve(points, base, name)
+    assert [p.label for p in expand("ablation", "synthetic_tiny", base)] == [
         "LGMRec", "w/o CGE", "w/o MGE", "w/o GHE", "w/o HCL"]
-    alphas = [p.overrides["alpha"] for p in grid_lib.expand("alpha", "synthetic_clothing", base)]
+    alphas = [p.overrides["alpha"] for p in expand("alpha", "synthetic_clothing", base)]
     assert alphas[:3] == [0.0, 0.01, 0.05] and len(alphas) == 13
-    assert len(grid_lib.expand("alpha", "synthetic_baby", base)) == 11
-    taus = grid_lib.resolve(grid_lib.expand("tau", "synthetic_tiny", base), base, "tau")
+    assert len(expand("alpha", "synthetic_baby", base)) == 11
+    taus = spec.resolve(expand("tau", "synthetic_tiny", base), base, "tau")
     from lgmrec_jax import multi
     assert len({multi.program_key(p.cfg) for p in taus}) == 1  # one program for the whole sweep
-    assert [p.overrides["hyper_num"] for p in grid_lib.expand("hyper_num", "baby", base)] == [
+    assert [p.overrides["hyper_num"] for p in expand("hyper_num", "baby", base)] == [
         2, 4, 8, 16, 32, 64, 128, 256]
-    shard = grid_lib.shard_points(grid_lib.expand("hyper_num", "baby", base, seeds=[0, 1]), 1, 4)
+    shard = sharding.shard_points(expand("hyper_num", "baby", base, seeds=[0, 1]), 1, 4)
     assert [p.cid for p in shard] == ["hyper_num=8,seed=0", "hyper_num=8,seed=1", "hyper_num=16,seed=0",
                                       "hyper_num=16,seed=1"]
 
@@ -401,8 +411,8 @@ def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_
 
     monkeypatch.setattr(multi.MultiProgram, "run_epoch", run_epoch)
     monkeypatch.setattr(ckpt_lib.Checkpoints, "save", save)
-    result = grid_lib.run_grid(grid_file(tmp_path, ALPHA_SEEDS), "plain", plain_dir, str(workdir),
-                               dict(PLAIN, epochs=3), shard=(0, 2))
+    result = run_grid(grid_file(tmp_path, ALPHA_SEEDS), "plain", plain_dir, str(workdir),
+                      dict(PLAIN, epochs=3), shard=(0, 2))
     assert overlapped == [True, True]
     # When epoch e's checkpoint is written, the lines of epochs before e exist and e's does not yet.
     assert lines_at_save == [(1, [0]), (2, [1]), (3, [2])]
@@ -441,9 +451,9 @@ def test_emulated_precision_grid_computes_the_accelerators_products(synthetic_di
 
 def test_a_precision_the_backend_cannot_run_is_refused_before_anything_is_written(synthetic_dir, tmp_path):
     g = grid_file(tmp_path, "def sweep(add):\n    add(matmul_precision='TF32_TF32_F32_X3')\n")
-    with pytest.raises(grid_lib.GridError, match=r"config matmul_precision=TF32_TF32_F32_X3: matmul_precision 'TF32_TF32_F32_X3' does not run "
+    with pytest.raises(GridError, match=r"config matmul_precision=TF32_TF32_F32_X3: matmul_precision 'TF32_TF32_F32_X3' does not run "
                                                  r"on this backend \(cpu\)"):
-        grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(tmp_path / "wd"), TINY)
+        run_grid(g, "synthetic_tiny", synthetic_dir, str(tmp_path / "wd"), TINY)
     assert not (tmp_path / "wd").exists()
 
 
@@ -452,10 +462,10 @@ def test_a_refused_rerun_leaves_the_grid_record_as_it_was(synthetic_dir, tmp_pat
     the runs that are there (grid_merge reads it)."""
     g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
     workdir = tmp_path / "wd"
-    grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 999})
+    run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 999})
     recorded = (workdir / "grid.json").read_text()
     with pytest.raises(workdir_lib.RunError, match="different setup"):
-        grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 5})
+        run_grid(g, "synthetic_tiny", synthetic_dir, str(workdir), {**TINY, "epochs": 1, "seed": 5})
     assert (workdir / "grid.json").read_text() == recorded
 
 
@@ -465,35 +475,35 @@ def test_a_refused_rerun_leaves_the_grid_record_as_it_was(synthetic_dir, tmp_pat
     ("def sweep(add):\n    add()\n    1 / 0\n", r"grid 'g': sweep\(\) failed: line 3: ZeroDivisionError"),
 ])
 def test_a_broken_grid_file_is_reported_with_its_line(tmp_path, body, message):
-    base = grid_lib.base_config("synthetic_tiny")
-    with pytest.raises(grid_lib.GridError, match=message):
-        grid_lib.expand(grid_file(tmp_path, body), "synthetic_tiny", base)
+    base = spec.base_config("synthetic_tiny")
+    with pytest.raises(GridError, match=message):
+        expand(grid_file(tmp_path, body), "synthetic_tiny", base)
 
 
 def test_bad_data_stops_a_grid_before_it_writes(tmp_path):
     g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
     with pytest.raises(DatasetError, match="dataset directory not found"):
-        grid_lib.run_grid(g, "nope", str(tmp_path), str(tmp_path / "wd"), TINY)
+        run_grid(g, "nope", str(tmp_path), str(tmp_path / "wd"), TINY)
     assert not (tmp_path / "wd").exists()
 
 
 def test_restart_checks_the_data_first_and_deletes_only_what_a_grid_wrote(plain_dir, tmp_path):
     g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
     workdir = tmp_path / "wd"
-    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1})
+    run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1})
     written = sorted(os.listdir(workdir))
     assert {"grid.json", "results.csv", "results.md", "configs", "groups"} <= set(written)
     with pytest.raises(DatasetError, match="dataset directory not found"):
-        grid_lib.run_grid(g, "nope", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
+        run_grid(g, "nope", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
     assert sorted(os.listdir(workdir)) == written  # bad data: the old results are still there
     (workdir / "notes.txt").write_text("mine\n")
-    with pytest.raises(grid_lib.GridError, match=r"wd: --restart deletes only what a run wrote there, and it "
+    with pytest.raises(GridError, match=r"wd: --restart deletes only what a run wrote there, and it "
                                                  r"also holds notes.txt; move those away"):
-        grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
+        run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
     assert sorted(os.listdir(workdir)) == sorted(written + ["notes.txt"])
     (workdir / "notes.txt").unlink()
     (workdir / "alpha.png").write_text("an old plot")
-    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
+    run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, restart=True)
     assert sorted(os.listdir(workdir)) == written
 
 
@@ -502,16 +512,16 @@ def test_a_workdir_of_another_grid_is_refused(plain_dir, tmp_path, change):
     g = grid_file(tmp_path, "def sweep(add):\n    add()\n")
     other = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.5)\n", name="other.py")
     workdir = tmp_path / "wd"
-    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1})
+    run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1})
     recorded = (workdir / "grid.json").read_text()
     shutil.copytree(os.path.join(plain_dir, "plain"), tmp_path / "data" / "plain2")
     os.rename(tmp_path / "data" / "plain2" / "plain.inter", tmp_path / "data" / "plain2" / "plain2.inter")
     args = {"grid": (other, "plain", plain_dir, {}), "dataset": (g, "plain2", str(tmp_path / "data"), {}),
             "mode": (g, "plain", plain_dir, {"mode": "sequential"})}[change]
     expected = {"grid": "grid: g -> other", "dataset": "dataset: plain -> plain2", "mode": "mode: group -> sequential"}
-    with pytest.raises(grid_lib.GridError, match=rf"holds another grid run \({expected[change]}\): their results "
+    with pytest.raises(GridError, match=rf"holds another grid run \({expected[change]}\): their results "
                                                  rf"must not mix"):
-        grid_lib.run_grid(args[0], args[1], args[2], str(workdir), {**PLAIN, "epochs": 1}, **args[3])
+        run_grid(args[0], args[1], args[2], str(workdir), {**PLAIN, "epochs": 1}, **args[3])
     assert (workdir / "grid.json").read_text() == recorded
     assert sorted(os.listdir(workdir / "configs")) == ["base"]
 
@@ -521,27 +531,27 @@ def test_a_finished_group_is_neither_extended_nor_shortened(plain_dir, tmp_path)
     number of epochs is refused (a single run is extended instead), and grid.json is left as it was."""
     g = grid_file(tmp_path, ALPHA_SEEDS)
     workdir = tmp_path / "wd"
-    grid_lib.run_grid(g, "plain", plain_dir, str(workdir), PLAIN)
+    run_grid(g, "plain", plain_dir, str(workdir), PLAIN)
     recorded = (workdir / "grid.json").read_text()
     for epochs in (3, 1):
-        with pytest.raises(grid_lib.GridError, match=rf"config alpha=0.3,seed=0 finished after 2 epochs "
+        with pytest.raises(GridError, match=rf"config alpha=0.3,seed=0 finished after 2 epochs "
                                                      rf"\(max_epochs\), and asks for epochs={epochs}: a finished "
                                                      rf"group is neither extended nor shortened"):
-            grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": epochs})
+            run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": epochs})
         assert (workdir / "grid.json").read_text() == recorded
 
 
 def test_a_non_finite_value_in_a_grid_is_refused_before_anything_runs(tmp_path):
-    base = grid_lib.base_config("synthetic_tiny")
-    with pytest.raises(grid_lib.GridError, match=r"grid 'g': add\(reg_weight=inf\) is not a finite number"):
-        grid_lib.expand(grid_file(tmp_path, "def sweep(add):\n    add(reg_weight=float('inf'))\n"),
-                        "synthetic_tiny", base)
+    base = spec.base_config("synthetic_tiny")
+    with pytest.raises(GridError, match=r"grid 'g': add\(reg_weight=inf\) is not a finite number"):
+        expand(grid_file(tmp_path, "def sweep(add):\n    add(reg_weight=float('inf'))\n"),
+               "synthetic_tiny", base)
 
 
 def test_a_base_override_the_grid_sets_per_config_is_named_in_a_warning(plain_dir, tmp_path, caplog):
     g = grid_file(tmp_path, "def sweep(add):\n    add(alpha=0.5)\n")
     with caplog.at_level("WARNING"):
-        grid_lib.run_grid(g, "plain", plain_dir, str(tmp_path / "wd"), {**PLAIN, "epochs": 1, "alpha": 0.77})
+        run_grid(g, "plain", plain_dir, str(tmp_path / "wd"), {**PLAIN, "epochs": 1, "alpha": 0.77})
     assert "the grid sets alpha per config: the --config value(s) given for it are not used" in caplog.text
     config = json.loads((tmp_path / "wd" / "configs" / "alpha=0.5" / "config.json").read_text())
     assert config["identity"]["config"]["alpha"] == 0.5
@@ -551,18 +561,18 @@ def test_a_shard_restart_of_another_grid_is_refused_before_it_deletes(plain_dir,
     g = grid_file(tmp_path, "def sweep(add):\n    add()\n    add(alpha=0.5)\n")
     workdir = tmp_path / "wd"
     for i in range(2):
-        grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, shard=(i, 2))
+        run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, shard=(i, 2))
     configs_before = sorted(os.listdir(workdir / "configs"))
-    with pytest.raises(grid_lib.GridError, match=r"holds another grid run \(mode: group -> sequential\)"):
-        grid_lib.run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, shard=(0, 2), restart=True,
-                          mode="sequential")
+    with pytest.raises(GridError, match=r"holds another grid run \(mode: group -> sequential\)"):
+        run_grid(g, "plain", plain_dir, str(workdir), {**PLAIN, "epochs": 1}, shard=(0, 2), restart=True,
+                 mode="sequential")
     assert sorted(os.listdir(workdir / "configs")) == configs_before == ["alpha=0.5", "base"]
     assert all(os.path.exists(workdir / "configs" / c / "summary.json") for c in configs_before)
 
 
 def test_a_config_that_goes_non_finite_in_a_group_does_not_stop_the_others(synthetic_dir, tmp_path):
     g = grid_file(tmp_path, "def sweep(add):\n    add(learning_rate=1e30)\n    add(learning_rate=1e-3)\n")
-    result = grid_lib.run_grid(g, "synthetic_tiny", synthetic_dir, str(tmp_path / "wd"), {**TINY, "epochs": 2})
+    result = run_grid(g, "synthetic_tiny", synthetic_dir, str(tmp_path / "wd"), {**TINY, "epochs": 2})
     assert {cid: s["status"] for cid, s in result["summaries"].items()} == {
         "learning_rate=1e+30": "non_finite", "learning_rate=0.001": "max_epochs"}
     rows = read_jsonl(tmp_path / "wd" / "configs" / "learning_rate=0.001" / "metrics.jsonl")

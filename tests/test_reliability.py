@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from experiments.reliability import HOSTILE, hostile_copy
 from lgmrec_jax.records import strip_timing
 from lgmrec_jax import checkpoint as ckpt_lib, configs, run as run_lib
 from lgmrec_jax import faults, workdir as workdir_lib
 from lgmrec_jax.data import load_dataset
+from lgmrec_jax.hostile_data import HOSTILE, hostile_copy
 
 # synthetic_tiny with at most 4 epochs and early stopping after 2 evaluations without improvement.
 RUN_FLAGS = ("--dataset=synthetic_tiny", "--config.epochs=4", "--config.stopping_step=1")
@@ -300,7 +300,7 @@ def test_second_process_on_a_locked_workdir_is_refused_and_changes_nothing(synth
     assert after == snapshot
 
 
-# ---- Hostile datasets through the CLI (the cases are experiments/reliability.py's HOSTILE) -------------
+# ---- Hostile datasets through the CLI (the cases are lgmrec_jax/hostile_data.py's HOSTILE) ------------
 
 def test_hostile_datasets_exit_2_with_one_line_and_write_nothing(cache_env, tmp_path):
     """Each bad input: exit 2, stderr exactly one line `error: <file>: <problem>`, no traceback, no workdir."""

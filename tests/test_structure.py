@@ -1,6 +1,6 @@
-"""The package's shape: the library imports no script (experiments/, data_prep/) and its modules import
-one another without cycles (function-local imports included). ``python -m pytest tests/test_structure.py``
-is the check."""
+"""The package's shape: the library imports no script (experiments/, data_prep/), its modules import
+one another without cycles (function-local imports included, subpackages too), and the grid package
+reaches the training code through one module. ``python -m pytest tests/test_structure.py`` is the check."""
 
 import ast
 import os
@@ -86,14 +86,38 @@ def test_the_library_imports_no_script():
     assert offenders == []
 
 
+def packages() -> list[str]:
+    return sorted(name for name, path in library_modules().items() if path.endswith("__init__.py"))
+
+
+def test_the_library_has_its_subpackages():
+    assert {"lgmrec_jax", "lgmrec_jax.configs", "lgmrec_jax.grid"} <= set(packages())
+    assert {"lgmrec_jax.grid.spec", "lgmrec_jax.grid.runner", "lgmrec_jax.grid.merge"} <= set(library_modules())
+
+
 def test_no_two_library_modules_import_each_other():
     graph = import_graph()
     # The package's __init__ is imported by every submodule; it must import none of them back.
     assert {m for m in graph.get("lgmrec_jax", set()) if m != "lgmrec_jax.configs"} == set()
+    # Likewise a subpackage's __init__ imports none of its own modules.
+    for package in packages():
+        if package != "lgmrec_jax":
+            assert {m for m in graph[package] if m.startswith(f"{package}.")} == set(), package
     graph.pop("lgmrec_jax", None)
     for deps in graph.values():
         deps.discard("lgmrec_jax")
     assert cycles(graph) == []
+
+
+# The training code the grid package calls (lgmrec_jax.grid.training is the one module that imports it).
+TRAINING_MODULES = ("lgmrec_jax.multi", "lgmrec_jax.run", "lgmrec_jax.parallel", "lgmrec_jax.trainer",
+                    "lgmrec_jax.sharded")
+
+
+def test_the_grid_reaches_the_training_code_through_one_module():
+    reaching = sorted({name for name, path in library_modules().items() if name.startswith("lgmrec_jax.grid")
+                       for m in imports_of(path) if m in TRAINING_MODULES})
+    assert reaching == ["lgmrec_jax.grid.training"]
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -1,5 +1,5 @@
 """Shipped grids for ``python -m experiments.grid --grid=NAME``: one module per study, each with
-``sweep(add)`` or ``sweep(add, ctx)`` (see experiments/grid.py). Every grid runs on any dataset,
+``sweep(add)`` or ``sweep(add, ctx)`` (see lgmrec_jax/grid/spec.py). Every grid runs on any dataset,
 the synthetic presets included; keys not set by a grid keep the dataset's config.
 
   seeds          8 seeds (0..7) of the dataset's config: one program, the seed-equality check
@@ -9,3 +9,7 @@ the synthetic presets included; keys not set by a grid keep the dataset's config
   n_hyper_layer  n_hyper_layer 1..4
   search         the reference's full search grid (SPEC §4.5): the Cartesian product of its lists
 """
+
+import os
+
+DIR = os.path.dirname(os.path.abspath(__file__))  # what experiments/grid.py passes as grids_dir
