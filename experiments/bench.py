@@ -231,13 +231,13 @@ def _patch_batched_propagation():
     backward) per matrix and layer: the sparse indices are read once and the rows are wider. Same
     arithmetic per column. Applies when CGE, MGE and GHE are all on, cf_model is lightgcn and
     n_ui_layers == n_mm_layers (the paper's configs); otherwise the model's own forward runs.
-    Patches the class that trainer.make_model builds.
+    Patches the class that step.make_model builds.
     """
     import jax.numpy as jnp
     import numpy as np
 
     import lgmrec_jax.model as model_lib
-    from lgmrec_jax import trainer
+    from lgmrec_jax import step as step_lib
 
     base = model_lib.LGMRec
 
@@ -247,7 +247,7 @@ def _patch_batched_propagation():
             if not (mods and self.use_cge and self.use_mge and self.use_ghe and self.cf_model == "lightgcn"
                     and self.n_ui_layers == self.n_mm_layers):
                 return super().__call__(graph, feats, noise)
-            ops, n_users, n_items, d = self.big_ops, self.n_users, self.n_items, self.embedding_size
+            ops, n_users, n_items, d = self.products, self.n_users, self.n_items, self.embedding_size
             proj = [ops.feature_matmul(feats[m], self.proj[m], n_items) for m in mods]
             logits = [ops.feature_matmul(feats[m], self.hyper[m], n_items) for m in mods]
             widths = [d] * len(mods) + [self.hyper_num] * len(mods)
@@ -281,7 +281,7 @@ def _patch_batched_propagation():
             fused = fused + self.alpha * model_lib.l2_normalize(ghe)
             return model_lib.Outputs(fused[:n_users], fused[n_users:], hyper)
 
-    _set(trainer, "LGMRec", BatchedPropagationLGMRec)
+    _set(step_lib, "LGMRec", BatchedPropagationLGMRec)
 
 
 def _patch_feature_matmul_autodiff():
@@ -389,8 +389,8 @@ def _run_config(spec: dict) -> dict:
         jax.config.update("jax_enable_compilation_cache", False)
     for name in spec.get("patches", ()):
         PATCHES[name]()
-    from lgmrec_jax import configs, trainer
-    from lgmrec_jax.run import Experiment
+    from lgmrec_jax import configs, engine as engine_lib, step as step_lib
+    from lgmrec_jax.run import make_engine
 
     result = {"dataset": spec["dataset"], "kernel": spec["kernel"], "matmul_precision": spec["precision"],
               "patches": list(spec.get("patches", ())), "loadavg_start": list(os.getloadavg()),
@@ -410,32 +410,32 @@ def _run_config(spec: dict) -> dict:
                                               "n_hyper_layer", "hyper_num", "eval_noise")})
     with jax.default_matmul_precision(cfg.matmul_precision):
         tick = time.perf_counter()
-        exp = Experiment(cfg, ds)
-        state = exp.runner.put(exp.init_state())
+        exp = make_engine(cfg, ds)
+        state = exp.put(exp.init_state())
         sync(state)
         result["setup_s"] = round(time.perf_counter() - tick, 3)
         result["n_batches"] = int(exp.sampler.n_batches)
         result["rss_after_setup_mb"] = round(rss_mb(), 1)
 
         compile_info, epoch_op_names = {}, None
-        run_fn = getattr(exp.runner, "_run", None)
-        if run_fn is not None and hasattr(run_fn, "lower"):
-            batches = trainer.to_batch(tuple(exp.sampler.epoch(0)))
-            key = trainer.stream_key(cfg.seed, trainer.TRAIN_STREAM, 0)
+        run_fn = exp._epoch if type(exp) is engine_lib.SingleEngine else None  # pmap: its own arguments
+        if run_fn is not None:
+            batches = step_lib.to_batch(tuple(exp.sampler.epoch(0)))
+            key = step_lib.stream_key(cfg.seed, step_lib.TRAIN_STREAM, 0)
             tick = time.perf_counter()
             lowered = run_fn.lower(state, exp.graph, exp.feats, batches, key, 0)
             compile_info["trace_lower_s"] = round(time.perf_counter() - tick, 3)
             tick = time.perf_counter()
             compiled = lowered.compile()
             compile_info["compile_s"] = round(time.perf_counter() - tick, 3)
-            compile_info["method"] = "aot: runner._run.lower(...).compile()"
+            compile_info["method"] = "aot: SingleEngine._epoch.lower(...).compile()"
             result["program_memory"] = {"train_epoch": program_memory(compiled)}
             if spec.get("trace"):  # to name the traced operations by model scope
                 epoch_op_names = trace_summary.hlo_op_names(compiled.as_text())
             if exp.plans:
                 name = next(iter(exp.plans))
-                params = exp.runner.get(state).params
-                base = exp.noise_free(params, exp.graph, exp.feats)  # as Experiment.evaluate passes it
+                params = exp.get(state).params
+                base = exp.noise_free(params, exp.graph, exp.feats)  # as SingleEngine.evaluate_params passes it
                 evaluator = exp.evaluate_split.lower(params, exp.graph, exp.feats, *exp.eval_arrays[name], key,
                                                      base=base).compile()
                 result["program_memory"]["evaluate_split"] = program_memory(evaluator)
@@ -475,11 +475,11 @@ def _run_config(spec: dict) -> dict:
         result["sampler_s"] = round(time.perf_counter() - tick, 4)
 
         if spec["eval_repeats"] > 0 and exp.plans:
-            host_state = exp.runner.get(state)
+            host_state = exp.get(state)
             eval_times, eval_cpu, eval_others, metrics = [], [], [], None
             for i in range(spec["eval_repeats"] + 1):
                 meter, tick = CpuMeter(), time.perf_counter()
-                metrics = exp.evaluate(host_state.params, i)
+                metrics = exp.evaluate_params(host_state.params, i)
                 eval_times.append(time.perf_counter() - tick)
                 usage = meter.stop()
                 eval_cpu.append(usage["cpu_s"])
@@ -500,11 +500,11 @@ def _run_config(spec: dict) -> dict:
                                                               epoch_op_names)
             except Exception as err:  # noqa: BLE001 - recorded in the result instead
                 result["trace"] = {"error": f"{type(err).__name__}: {err}"[:500]}
-                state = exp.runner.put(exp.init_state())  # the traced epoch may have consumed the donated state
+                state = exp.put(exp.init_state())  # the traced epoch may have consumed the donated state
         if spec.get("profile"):
             result["profile"] = profile_epoch(exp, state, spec["epochs_to_time"] + 2, spec.get("profile_steps", 0))
             if exp.plans:
-                result["profile"]["eval"] = profile_eval(exp, exp.runner.get(state).params)
+                result["profile"]["eval"] = profile_eval(exp, exp.get(state).params)
             result["memory_after_profile"] = memory()
 
     if spec.get("full_run"):
@@ -594,9 +594,9 @@ def trace_epoch_and_eval(exp, state, epoch: int, epoch_op_names: dict | None = N
         events = trace_summary.load_events(trace_summary.newest_trace(os.path.join(tmp, "epoch")))
         out["epoch"] = trace_summary.summarize(events, per=int(exp.sampler.n_batches), op_names=epoch_op_names)
         if exp.plans:
-            params = exp.runner.get(state).params
+            params = exp.get(state).params
             with jax.profiler.trace(os.path.join(tmp, "eval"), create_perfetto_trace=True):
-                exp.evaluate(params, epoch)
+                exp.evaluate_params(params, epoch)
             events = trace_summary.load_events(trace_summary.newest_trace(os.path.join(tmp, "eval")))
             out["eval"] = trace_summary.summarize(events)
     finally:
@@ -607,10 +607,10 @@ def trace_epoch_and_eval(exp, state, epoch: int, epoch_op_names: dict | None = N
 def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
     """A steady epoch broken down by timing ablations.
 
-    Every variant runs the same epoch's batches as one compiled ``lax.scan`` (as the runner does, so
+    Every variant runs the same epoch's batches as one compiled ``lax.scan`` (as the engine does, so
     per-call overheads and temporary-buffer allocation are amortised the same way) and is timed as
     the median of two runs after a compile run. Variants:
-      step_full         the training step as the runner builds it (device part of an epoch)
+      step_full         the training step as the engine builds it (device part of an epoch)
       forward_loss      model forward in training mode + the loss, no gradient
       forward_model     model forward only (outputs reduced to a scalar)
       grad_no_hcl       value-and-grad of BPR + reg only (the InfoNCE term dropped)
@@ -625,7 +625,7 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
     import jax.numpy as jnp
     import optax
 
-    from lgmrec_jax import losses, trainer
+    from lgmrec_jax import losses, step as step_lib
     from lgmrec_jax.model import sample_noise
 
     model, cfg, optimizer = exp.model, exp.cfg, exp.optimizer
@@ -634,15 +634,15 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
     host_batches = exp.sampler.epoch(epoch)
     sampler_s = time.perf_counter() - tick
     tick = time.perf_counter()
-    batches = sync(trainer.to_batch(tuple(host_batches)))
+    batches = sync(step_lib.to_batch(tuple(host_batches)))
     transfer_s = time.perf_counter() - tick
     n_batches = int(batches.users.shape[0])
     steps = min(n_batches, max_steps) if max_steps else n_batches
     batches = type(batches)(*(x[:steps] for x in batches))
     per_epoch = n_batches / steps  # variants run ``steps`` steps; times are scaled to a whole epoch
-    key = trainer.stream_key(cfg.seed, trainer.TRAIN_STREAM, epoch)
-    params = exp.runner.get(state).params
-    state = trainer.TrainState(params, optimizer.init(params))
+    key = step_lib.stream_key(cfg.seed, step_lib.TRAIN_STREAM, epoch)
+    params = exp.get(state).params
+    state = step_lib.TrainState(params, optimizer.init(params))
 
     def forward(p, graph, feats, k):
         return model.apply(p, graph, feats, sample_noise(k, shapes, train=True, keep_rate=model.keep_rate))
@@ -666,7 +666,7 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
             losses.infonce(h["v_user"][batch.users], h["t_user"][batch.users], h["t_user"], batch.mask, cfg.tau)
             + losses.infonce(h["v_item"][batch.pos], h["t_item"][batch.pos], h["t_item"], batch.mask, cfg.tau))
 
-    ops = getattr(model, "big_ops", None)  # the model's matmul provider, where it has one
+    ops = getattr(model, "products", None)  # the model's matmul provider, where it has one
     project = (lambda f, w: ops.feature_matmul(f, w, model.n_items)) if ops is not None else (lambda f, w: f @ w)
 
     def projections(p, graph, feats, batch, k):
@@ -682,14 +682,14 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
         def step(st, graph, feats, batch, k):
             loss, grads = jax.value_and_grad(objective)(st.params, graph, feats, batch, k)
             updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
-            return trainer.TrainState(optax.apply_updates(st.params, updates), opt_state), loss
+            return step_lib.TrainState(optax.apply_updates(st.params, updates), opt_state), loss
         return step
 
     def touch(st, value):
         # The next step's parameters depend on this step's value (numerically a no-op: 1e-30 is below
         # float32 resolution of the parameters), so XLA cannot hoist the forward out of the scan as
         # loop-invariant code, as it would with unchanged parameters.
-        return trainer.TrainState(jax.tree_util.tree_map(lambda x: x + 1e-30 * value, st.params), st.opt_state)
+        return step_lib.TrainState(jax.tree_util.tree_map(lambda x: x + 1e-30 * value, st.params), st.opt_state)
 
     def forward_loss(st, graph, feats, batch, k):
         value = total(st.params, graph, feats, batch, k)
@@ -704,10 +704,10 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
     def adam_update(st, graph, feats, batch, k):
         grads = jax.tree_util.tree_map(jnp.zeros_like, st.params)
         updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
-        return trainer.TrainState(optax.apply_updates(st.params, updates), opt_state), jnp.zeros(())
+        return step_lib.TrainState(optax.apply_updates(st.params, updates), opt_state), jnp.zeros(())
 
     variants = {
-        "step_full": trainer.make_train_step(model, optimizer, cfg),
+        "step_full": step_lib.make_train_step(model, optimizer, step_lib.config_objective(cfg)),
         "forward_loss": forward_loss,
         "forward_model": forward_model,
         "grad_no_hcl": grad_variant(no_hcl),
@@ -722,7 +722,8 @@ def profile_epoch(exp, state, epoch: int, max_steps: int = 0) -> dict:
     out = {"sampler_s": round(sampler_s, 4), "transfer_s": round(transfer_s, 4), "n_batches": n_batches,
            "steps_timed": steps}
     for name, step in variants.items():
-        epoch_fn = jax.jit(trainer.make_epoch_fn(step))
+        epoch_fn = jax.jit(lambda state, graph, feats, batches, key, first, step=step: step_lib.epoch_scan(
+            lambda s, b, i: step(s, graph, feats, b, jax.random.fold_in(key, i)), state, batches, first))
         tick = time.perf_counter()
         sync(epoch_fn(state, exp.graph, exp.feats, batches, key, 0))
         first = time.perf_counter() - tick
@@ -747,9 +748,9 @@ def profile_eval(exp, params) -> dict:
     extra forwards), and the host metrics."""
     import jax
 
-    from lgmrec_jax import evaluation, trainer
+    from lgmrec_jax import evaluation, step as step_lib
 
-    key = trainer.stream_key(exp.cfg.seed, trainer.EVAL_STREAM, 0)
+    key = step_lib.stream_key(exp.cfg.seed, step_lib.EVAL_STREAM, 0)
     one_forward = jax.jit(evaluation.make_split_evaluator(exp.model, "per_eval", exp.cfg.eval_topk))
     out = {"blocks": sum(int(p.block_users.shape[0]) for p in exp.plans.values())}
     tops = {}
@@ -1013,8 +1014,8 @@ def markdown(report: dict, proxy: Optional[dict] = None) -> str:
              "*code*: sha256 of lgmrec_jax/*.py when the configuration started (the working tree is shared "
              "and changes). Times in seconds, wall clock, device work synchronised. *compile*: the train-epoch program "
              "lowered + compiled ahead of time (trace+lower / XLA compile). *epoch*: median (and min) of the "
-             "timed steady `Experiment.train_epoch` calls, count in *n* (host sampling, "
-             "transfer and the compiled scan over all steps). *eval*: median valid+test `Experiment.evaluate` "
+             "timed steady `SingleEngine.train_epoch` calls, count in *n* (host sampling, "
+             "transfer and the compiled scan over all steps). *eval*: median valid+test `SingleEngine.evaluate_params` "
              "(compiled blocked top-k + host metrics); *eval compile*: first evaluation minus steady. "
              "*peak mem*: peak RSS of the process (MB) and, on accelerators, device peak_bytes_in_use (MB). "
              "*epoch CPU s*: CPU seconds of the process per steady epoch (all threads). *others' CPU share*: "
@@ -1249,11 +1250,11 @@ def settings_from_flags() -> Settings:
 
 def check_backend(settings: Settings) -> None:
     """Each precision compiled once on this backend (TF32_TF32_F32_X3 is GPU-only), before any configuration."""
-    from lgmrec_jax import configs, parallel
+    from lgmrec_jax import configs, engine as engine_lib
 
     for precision in settings.precisions:
         try:
-            parallel.check_matmul_precision(precision)
+            engine_lib.check_matmul_precision(precision)
         except configs.ConfigError as err:
             raise BenchError(str(err)) from None
 

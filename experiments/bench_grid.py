@@ -40,7 +40,7 @@ def define_flags() -> None:
     _train.define_run_flags()  # --dataset, --data_dir, --workdir, as lgmrec_jax.train
     flags.DEFINE_list("sizes", ["1", "4", "16", "64"], "Group sizes K measured on one device.")
     flags.DEFINE_list("batchings", ["map", "vmap", "vmap_columns"], "Group programs to time "
-                      "(lgmrec_jax.multi.BATCHINGS).")
+                      "(lgmrec_jax.group_engine.BATCHINGS).")
     flags.DEFINE_list("device_counts", ["1", "2", "4"], "Device counts for the step-time measurement.")
     flags.DEFINE_integer("device_configs", 4, "Configs in the group spread over devices.")
     flags.DEFINE_string("device_batching", "map", "Batching of the group spread over devices.")
@@ -67,18 +67,18 @@ def configs_for(base, k: int):
 
 
 def bench_single(base, ds, epochs: int) -> dict:
-    from lgmrec_jax import run
+    from lgmrec_jax import engine as engine_lib
 
-    exp = run.Experiment(base, ds)
-    state = exp.runner.put(exp.init_state())
+    exp = engine_lib.SingleEngine(base, ds)
+    state = exp.put(exp.init_state())
     (state, _), first = timed(lambda: exp.train_epoch(state, 0))
     train = []
     for e in range(1, epochs + 1):
         (state, _), t = timed(lambda: exp.train_epoch(state, e))
         train.append(t)
-    params = exp.runner.get(state).params
-    _, eval_first = timed(lambda: exp.evaluate(params, 0))
-    evals = [timed(lambda: exp.evaluate(params, e))[1] for e in range(1, epochs + 1)]
+    params = exp.get(state).params
+    _, eval_first = timed(lambda: exp.evaluate_params(params, 0))
+    evals = [timed(lambda: exp.evaluate_params(params, e))[1] for e in range(1, epochs + 1)]
     n_batches = exp.sampler.n_batches
     return {"train_epoch_s": statistics.median(train), "eval_s": statistics.median(evals),
             "first_epoch_s": first, "first_eval_s": eval_first, "n_batches": n_batches,
@@ -87,22 +87,17 @@ def bench_single(base, ds, epochs: int) -> dict:
 
 def bench_group(base, ds, k: int, n_devices: int, epochs: int, evaluate: bool = True,
                 batching: str = "map") -> dict:
-    from lgmrec_jax import multi, sampler as sampler_lib, trainer
+    from lgmrec_jax import group_engine, sampler as sampler_lib
 
     cfgs = configs_for(base, k)
-    prog = multi.MultiProgram(base, ds, n_devices, batching=batching)
+    prog = group_engine.GroupEngine(base, ds, n_devices, batching=batching)
     seeds = [c.seed for c in cfgs]
-    hyper = multi.hyper_of(cfgs)
     samplers = [sampler_lib.NegativeSampler(ds.train, ds.n_items, c.train_batch_size, c.seed) for c in cfgs]
     active = np.ones(k, bool)
-    states, init_s = timed(lambda: prog.init_states(seeds))
+    states, init_s = timed(lambda: prog.init(seeds))
 
     def epoch(states, e):
-        per = [s.epoch(e) for s in samplers]
-        batches = sampler_lib.EpochBatches(*(np.stack([getattr(b, f) for b in per])
-                                             for f in sampler_lib.EpochBatches._fields))
-        keys = prog.epoch_keys(seeds, trainer.TRAIN_STREAM, e)
-        return prog.run_epoch(states, hyper, batches, keys, active)
+        return prog.run_epoch(states, cfgs, [s.epoch(e) for s in samplers], e, active)
 
     (states, _, _), first = timed(lambda: epoch(states, 0))
     train = []
@@ -113,9 +108,9 @@ def bench_group(base, ds, k: int, n_devices: int, epochs: int, evaluate: bool = 
            "train_epoch_s": statistics.median(train), "n_batches": samplers[0].n_batches,
            "step_s": statistics.median(train) / samplers[0].n_batches}
     if evaluate:
-        _, eval_first = timed(lambda: prog.evaluate(states, hyper, seeds, 0))
+        _, eval_first = timed(lambda: prog.evaluate(states, cfgs, 0))
         out["first_eval_s"] = eval_first
-        out["eval_s"] = statistics.median(timed(lambda: prog.evaluate(states, hyper, seeds, e))[1]
+        out["eval_s"] = statistics.median(timed(lambda: prog.evaluate(states, cfgs, e))[1]
                                           for e in range(1, epochs + 1))
     return out
 
@@ -270,7 +265,7 @@ def markdown(result: dict) -> str:
 
 def check_flags() -> None:
     """Every flag that can be checked before the minutes of measuring (cli.fail: one line, exit 2)."""
-    from lgmrec_jax import multi
+    from lgmrec_jax import group_engine
 
     try:
         sizes, counts = [int(k) for k in FLAGS.sizes], [int(d) for d in FLAGS.device_counts]
@@ -283,9 +278,9 @@ def check_flags() -> None:
                  "must be >= 1")
     for flag in ("batchings", "device_batching", "seed_check_batching"):
         values = FLAGS[flag].value if isinstance(FLAGS[flag].value, list) else [FLAGS[flag].value]
-        unknown = [b for b in values if b not in multi.BATCHINGS]
+        unknown = [b for b in values if b not in group_engine.BATCHINGS]
         if unknown:
-            cli.fail(f"--{flag}={unknown[0]}: unknown; expected one of {list(multi.BATCHINGS)}")
+            cli.fail(f"--{flag}={unknown[0]}: unknown; expected one of {list(group_engine.BATCHINGS)}")
     cli.require_out_dir(FLAGS.out)
 
 

@@ -507,15 +507,14 @@ def main(argv):
     root = FLAGS.scratch or tempfile.mkdtemp(prefix="lgmrec-reliability-")
     os.makedirs(root, exist_ok=True)
     data_dir = os.path.join(root, "data")
-    from lgmrec_jax import configs, run as run_lib
+    from lgmrec_jax import checkpoint as ckpt_lib, configs, engine as engine_lib
     from lgmrec_jax.data import load_dataset
     import jax
     import orbax.checkpoint
 
     ds = load_dataset(data_dir, "synthetic_tiny")
     h = Harness(root, data_dir, FLAGS.seed)
-    h.abstract = run_lib.ckpt_lib.abstract_like(run_lib.Experiment(configs.for_dataset("synthetic_tiny"), ds)
-                                                .init_state())
+    h.abstract = ckpt_lib.abstract_like(engine_lib.SingleEngine(configs.for_dataset("synthetic_tiny"), ds).init_state())
 
     # The reference; a second plain run times it with a warm compilation cache.
     ref_dir = h.workdir("reference")

@@ -1,8 +1,7 @@
 """JAX's persistent compilation cache, on by default for the entry points.
 
 A second run with the same shapes loads its compiled programs from disk instead of compiling them
-(measured on the 2-core CPU, default synthetic preset: first epoch 4.3 s cold, 1.9 s warm). The
-directory is ``$LGMREC_JAX_CACHE``, else ``~/.cache/lgmrec_jax/xla``; set the variable to an empty
+(experiments.bench --compile_cache measures what that saves). The directory is ``$LGMREC_JAX_CACHE``, else ``~/.cache/lgmrec_jax/xla``; set the variable to an empty
 string to turn the cache off.
 """
 

@@ -1,6 +1,6 @@
 """Several processes (hosts) in one run or grid, with ``jax.distributed``.
 
-A single run is one data-parallel program over every process's devices (lgmrec_jax.sharded). Process 0
+A single run is one data-parallel program over every process's devices (lgmrec_jax.pmap_engine). Process 0
 alone owns the workdir and evaluates; it broadcasts what keeps the other loops in step (the restored
 state, each evaluation's metrics), so the others need no shared filesystem, and
 :func:`check_same_setup` refuses processes started with another setup. A grid instead gives each

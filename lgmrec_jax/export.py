@@ -25,7 +25,7 @@ import numpy as np
 from absl import app, flags, logging
 
 from lgmrec_jax import checkpoint as ckpt_lib
-from lgmrec_jax import cli, configs, evaluation, metrics as metrics_lib, parallel, trainer
+from lgmrec_jax import cli, configs, engine as engine_lib, evaluation, metrics as metrics_lib, step as step_lib
 from lgmrec_jax import report, workdir as workdir_lib
 from lgmrec_jax.configs import default as default_config
 from lgmrec_jax.data import Dataset, DatasetError, load_dataset
@@ -112,7 +112,7 @@ def rebuild_config(recorded: dict, where: str):
             raise ExportError(f"{where}: config.{key}={value!r}: {err}") from None
     try:
         configs.validate(cfg)
-        parallel.check_matmul_precision(cfg.matmul_precision)
+        engine_lib.check_matmul_precision(cfg.matmul_precision)
     except configs.ConfigError as err:
         raise ExportError(f"{where}: {err}") from None
     return cfg
@@ -240,7 +240,7 @@ def restore_params(checkpoints: ckpt_lib.Checkpoints, kept: Kept, abstract_state
         raise ExportError(f"{checkpoints.directory}: checkpoint {step} cannot be restored "
                           f"({text.splitlines()[0] if text else type(err).__name__})") from None
     params = state.params if slot is None else jax.tree_util.tree_map(lambda x: np.asarray(x)[slot], state.params)
-    if not trainer.finite_state(trainer.TrainState(params, None)):
+    if not step_lib.finite_state(step_lib.TrainState(params, None)):
         raise ExportError(f"{checkpoints.directory}: checkpoint {step} holds non-finite parameters")
     return params
 
@@ -321,7 +321,7 @@ class Model:
     def __init__(self, cfg, ds: Dataset, model: LGMRec, graph, feats, params, epoch: int, eval_noise: str):
         self.cfg, self.ds, self.params, self.eval_noise = cfg, ds, params, eval_noise
         self.model, self.graph, self.feats = model, graph, feats
-        self.eval_key = trainer.stream_key(cfg.seed, trainer.EVAL_STREAM, epoch)
+        self.eval_key = step_lib.stream_key(cfg.seed, step_lib.EVAL_STREAM, epoch)
         self.base = jax.jit(evaluation.make_noise_free(self.model))(params, self.graph, self.feats)
 
     def key(self, index: int) -> jax.Array:
@@ -428,7 +428,7 @@ def export(workdir: str, out: str, data_dir: str = "./data", checkpoint: str = "
     mode = eval_noise or cfg.eval_noise
 
     with jax.default_matmul_precision(cfg.matmul_precision):
-        model = trainer.make_model(cfg, ds)
+        model = step_lib.make_model(cfg, ds)
         try:
             checkpoints = ckpt_lib.Checkpoints(source.checkpoints, cfg.keep_checkpoints, read_only=True)
         except ckpt_lib.CheckpointError as err:
@@ -437,8 +437,8 @@ def export(workdir: str, out: str, data_dir: str = "./data", checkpoint: str = "
             kept = kept_epochs(source, checkpoints)
             epoch = choose_epoch(checkpoint, source, kept)
             graph = build_graph(ds.train, ds.n_users, ds.n_items, cfg.kernel)
-            feats = trainer.device_features(ds, cfg.feature_dtype)
-            abstract = jax.eval_shape(lambda: trainer.init_state(model, trainer.make_optimizer(cfg.learning_rate),
+            feats = step_lib.device_features(ds, cfg.feature_dtype)
+            abstract = jax.eval_shape(lambda: step_lib.init_state(model, step_lib.make_optimizer(cfg.learning_rate),
                                                                  graph, feats, cfg.seed))
             params = restore_params(checkpoints, kept[epoch], abstract)
         finally:

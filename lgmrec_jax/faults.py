@@ -15,7 +15,6 @@ import os
 import signal
 from typing import Optional
 
-import jax
 import numpy as np
 
 FAULT_ENV = "LGMREC_FAULT"
@@ -69,13 +68,12 @@ class FaultInSave:
             self.module.rename = self.original
 
 
-def inject_nan(parts: np.ndarray, state, epoch: int):
+def inject_nan(parts: np.ndarray, finite: np.ndarray, epoch: int):
+    """nan:loss:E[:S] / nan:params:E on an epoch's (K, n_batches, 4) loss parts and (K,) finite flags."""
     extra = fault("nan", "loss", epoch)
     if extra is not None:
         parts = parts.copy()
-        parts[int(extra[0]) if extra else 0, 0] = np.nan
+        parts[:, int(extra[0]) if extra else 0, 0] = np.nan
     if fault("nan", "params", epoch) is not None:
-        leaves, treedef = jax.tree_util.tree_flatten(state.params)
-        leaves[0] = np.full(np.shape(leaves[0]), np.nan, np.asarray(leaves[0]).dtype)
-        state = state._replace(params=jax.tree_util.tree_unflatten(treedef, leaves))
-    return parts, state
+        finite = np.zeros_like(finite)
+    return parts, finite

@@ -92,7 +92,7 @@ def infonce(anchors, positives, candidates, mask, tau=TAU):
 
 class LossSums(NamedTuple):
     """Sums over a batch's real rows; the loss parts are functions of these, so a batch split
-    across devices needs only their psum (lgmrec_jax.sharded)."""
+    across devices needs only their psum (lgmrec_jax.pmap_engine)."""
 
     bpr: jax.Array  # sum of -log sigmoid(diff)
     hcl: jax.Array  # sum of the two InfoNCE terms

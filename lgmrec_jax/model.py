@@ -26,7 +26,7 @@ from lgmrec_jax.graph import Graph, propagate
 HYPER_KEYS = ("v_item", "v_user", "t_item", "t_user")  # the reference's order of use
 TAU = 0.2  # hard-coded in the reference, shared by the Gumbel softmax and the InfoNCE (config key tau)
 # Matrix products that contract over items or contrastive candidates get that dimension padded with zero
-# rows to a multiple of this, at the source: the feature matrices once (trainer.device_features), the
+# rows to a multiple of this, at the source: the feature matrices once (step.device_features), the
 # InfoNCE candidates per step (losses.infonce, the pads masked out). Why: on an H100 at Clothing the
 # trace of a step showed three pad fusions without a JAX op name, 0.59 ms of 5.4 ms, the sizes of a
 # copy of the two InfoNCE score matrices (2048 x 39,387 and 2048 x 23,033) and of the image features.
@@ -127,7 +127,7 @@ frozen_feature_matmul.defvjp(_ffm_fwd, _ffm_bwd)
 
 @dataclasses.dataclass(frozen=True)
 class LocalOps:
-    """The model's big products on one device. lgmrec_jax.sharded.ShardedOps splits each across
+    """The model's big products on one device. lgmrec_jax.pmap_engine.ShardedOps splits each across
     devices by rows; both return full, replicated results, so the model code is shared."""
 
     kernel: str = "segment_sum"
@@ -186,7 +186,8 @@ class LGMRec(nn.Module):
     use_ghe: bool = True
 
     @property
-    def big_ops(self):
+    def products(self):
+        """The provider of the big products (LocalOps, or an engine's: ShardedOps, ColumnOps)."""
         return self.ops if self.ops is not None else LocalOps(self.kernel)
 
     @property
@@ -216,7 +217,7 @@ class LGMRec(nn.Module):
         layers = [x]
         n_nodes = self.n_users + self.n_items
         for _ in range(self.n_ui_layers):
-            layers.append(self.big_ops.propagate(graph.norm_adj, layers[-1], n_nodes))
+            layers.append(self.products.propagate(graph.norm_adj, layers[-1], n_nodes))
         return jnp.mean(jnp.stack(layers), axis=0)
 
     @jax.named_scope("features")
@@ -229,8 +230,8 @@ class LGMRec(nn.Module):
         for m in self.modalities:
             weights = ([self.proj[m]] if self.use_mge else []) + ([self.hyper[m]] if self.use_ghe else [])
             if weights:
-                item = self.big_ops.feature_matmul(feats[m], jnp.concatenate(weights, axis=1), self.n_items)
-                out[m] = (item, self.big_ops.propagate(graph.interactions, item, self.n_users))
+                item = self.products.feature_matmul(feats[m], jnp.concatenate(weights, axis=1), self.n_items)
+                out[m] = (item, self.products.propagate(graph.interactions, item, self.n_users))
         return out
 
     @jax.named_scope("mge")
@@ -238,7 +239,7 @@ class LGMRec(nn.Module):
         """Last layer of A_hat propagation from [mean of the user's projected items; projected items]."""
         y = jnp.concatenate([user_sum * graph.user_inv_deg, item], axis=0)
         for _ in range(self.n_mm_layers):
-            y = self.big_ops.propagate(graph.norm_adj, y, self.n_users + self.n_items)
+            y = self.products.propagate(graph.norm_adj, y, self.n_users + self.n_items)
         return y
 
     def mge_outputs(self, graph: Graph, feats: dict) -> dict:
@@ -293,7 +294,7 @@ class LGMRec(nn.Module):
             item_h = self.dropout(assign[f"{m}_item"], keep.get(f"{m}_item"))
             user_h = self.dropout(assign[f"{m}_user"], keep.get(f"{m}_user"))
             hyper[f"{m}_user"], hyper[f"{m}_item"] = hgnn(item_h, user_h, base.c[n_users:], self.n_hyper_layer,
-                                                          self.big_ops)
+                                                          self.products)
             ghe = ghe + jnp.concatenate([hyper[f"{m}_user"], hyper[f"{m}_item"]], axis=0)
         fused = fused + self.alpha * l2_normalize(ghe)
         return Outputs(fused[:n_users], fused[n_users:], hyper)

@@ -24,11 +24,11 @@ from absl import app, flags
 from flax import errors as flax_errors
 
 from lgmrec_jax import data as data_lib
-from lgmrec_jax import evaluation, graph as graph_lib, losses, trainer
+from lgmrec_jax import evaluation, graph as graph_lib, losses, step as step_lib
 from lgmrec_jax.cli import parse_flags, setup_logging
 from lgmrec_jax.configs import PRECISIONS, ConfigError
 from lgmrec_jax.model import HYPER_KEYS, LGMRec, Noise
-from lgmrec_jax.parallel import check_matmul_precision
+from lgmrec_jax.engine import check_matmul_precision
 
 PARAMS = ("user_emb", "item_emb", "v_proj", "v_hyper", "t_proj", "t_hyper")
 # Tolerances from the golden README: float32 replay of the same arithmetic.
@@ -219,7 +219,7 @@ def replay(g: dict, kernel: str = "segment_sum") -> list[Row]:
     for k, grad in grads["params"].items():
         rows.append(Row(f"grad/{k}", rel_error(grad, g[f"grad/{k}"]), TOL_GRAD, "rel"))
 
-    optimizer = trainer.make_optimizer(1e-3)  # the reference's learning rate in the goldens
+    optimizer = step_lib.make_optimizer(1e-3)  # the reference's learning rate in the goldens
     updates, _ = optimizer.update(grads, optimizer.init(params), params)
     stepped = optax.apply_updates(params, updates)
     for k, p in stepped["params"].items():

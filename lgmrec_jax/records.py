@@ -3,6 +3,7 @@ readers of a workdir, and which fields are timings (the only fields in which two
 
 from __future__ import annotations
 
+import json
 from typing import Optional
 
 TIMING_KEYS = ("train_s", "eval_s", "time_s", "total_wall_s")
@@ -36,3 +37,21 @@ def row_problem(row) -> Optional[str]:
     if "best_epoch" in row and not isinstance(row["best_epoch"], int):
         return "expected 'best_epoch' to be an integer"
     return None
+
+
+# summary.json's status: how a config's training ended (or "interrupted", returned for one that has not).
+FINISHED = ("early_stopped", "max_epochs")  # ended normally
+NON_FINITE = "non_finite"  # stopped by a NaN/inf loss or parameter
+FINAL_STATUSES = FINISHED + (NON_FINITE,)
+INTERRUPTED = "interrupted"
+LOSS_PARTS = ("total", "bpr", "hcl", "reg")  # the loss object of a row, summed over the epoch's steps
+
+
+def read_summary(path: str) -> Optional[dict]:
+    """A summary.json as a dict; None when it is missing or unreadable."""
+    try:
+        with open(path) as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return summary if isinstance(summary, dict) else None

@@ -82,23 +82,37 @@ class NegativeSampler:
 
 
 class Prefetcher:
-    """Prepares epoch e + 1's batches on a host thread while the device trains epoch e.
+    """Prepares epoch e + 1's batches of the configs that trained epoch e on a host thread while the
+    device trains epoch e.
 
     The batches are a pure function of (seed, epoch), so prefetching changes no number.
     """
 
-    def __init__(self, sampler: NegativeSampler):
-        self.sampler = sampler
+    def __init__(self, samplers: dict):
+        self.samplers = samplers  # {config id: NegativeSampler}
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler")
-        self._pending: tuple[int, concurrent.futures.Future] | None = None
+        self._pending = None  # (epoch, config ids, future)
 
-    def epoch(self, epoch: int) -> EpochBatches:
-        if self._pending is not None and self._pending[0] == epoch:
-            batches = self._pending[1].result()
+    def _sample(self, epoch: int, cids) -> dict:
+        return {c: self.samplers[c].epoch(epoch) for c in cids}
+
+    def epoch(self, epoch: int, cids) -> dict:
+        """{config id: EpochBatches} of epoch ``epoch`` for ``cids``."""
+        if self._pending is not None and self._pending[0] == epoch and set(cids) <= self._pending[1]:
+            ready = self._pending[2].result()
+            batches = {c: ready[c] for c in cids}
         else:
-            batches = self.sampler.epoch(epoch)
-        self._pending = (epoch + 1, self._pool.submit(self.sampler.epoch, epoch + 1))
+            batches = self._sample(epoch, cids)
+        self._pending = (epoch + 1, frozenset(cids), self._pool.submit(self._sample, epoch + 1, list(cids)))
         return batches
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def for_config(cfg, ds) -> NegativeSampler:
+    """The sampler of a config's training batches (its seed and batch size); a DatasetError names the data."""
+    try:
+        return NegativeSampler(ds.train, ds.n_items, cfg.train_batch_size, cfg.seed)
+    except DatasetError as err:  # the data cannot be trained on: say which data
+        raise DatasetError(f"{ds.path or ds.name}: {err}") from None

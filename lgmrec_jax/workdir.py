@@ -47,9 +47,12 @@ def versions() -> dict:
             "python": sys.version.split()[0], "backend": jax.default_backend()}
 
 
-def run_identity(cfg, ds: Dataset) -> dict:
-    return {"dataset": ds.name, "config": cfg.to_dict(),
-            "dataset_files": ds.checksums() if ds.path else {}}
+def run_identity(cfg, ds: Dataset, checksums: Optional[dict] = None) -> dict:
+    """What config.json records of a run and a resume checks: dataset, config, the data's checksums
+    (``checksums``: computed once by a caller with many configs of one dataset)."""
+    if checksums is None:
+        checksums = ds.checksums() if ds.path else {}
+    return {"dataset": ds.name, "config": cfg.to_dict(), "dataset_files": checksums}
 
 
 def identity_differences(old: dict, new: dict) -> list[str]:

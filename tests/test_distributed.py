@@ -56,6 +56,7 @@ def assert_same_run(a, b):
                                    rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_processes_train_one_run_resumable_from_one_process(synthetic_dir, env, tmp_path):
     # One process with four devices, killed after epoch 0's checkpoint ...
     single = tmp_path / "single"
@@ -84,6 +85,7 @@ def test_two_processes_train_one_run_resumable_from_one_process(synthetic_dir, e
     assert_same_run(rows(whole), rows(fresh))
 
 
+@pytest.mark.slow
 def test_processes_started_with_different_setups_are_refused(synthetic_dir, env, tmp_path):
     port = free_port()
     procs = [train(env, 2, f"--data_dir={synthetic_dir}", f"--workdir={tmp_path / str(i)}", f"--config.alpha={alpha}",
@@ -98,6 +100,7 @@ def test_processes_started_with_different_setups_are_refused(synthetic_dir, env,
     assert not (tmp_path / "0").exists()  # refused before process 0 touched its workdir
 
 
+@pytest.mark.slow
 def test_a_refusal_on_process_0_stops_process_1(synthetic_dir, env, tmp_path):
     workdir = tmp_path / "taken"
     workdir.write_text("a file where the workdir should be")
@@ -118,6 +121,7 @@ def test_process_flags_are_checked_before_jax_distributed_starts():
         distributed.initialize("localhost:1", 2, 1, timeout_s=0)
 
 
+@pytest.mark.slow
 def test_a_peer_that_never_arrives_is_a_clear_exit_not_a_hang(synthetic_dir, env, tmp_path):
     # Process 1 of 2 is never started: process 0 gives up after --distributed_timeout.
     port = free_port()

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lgmrec_jax import configs, evaluation, metrics, run as run_lib
+from lgmrec_jax import configs, engine as engine_lib, evaluation, metrics
 from lgmrec_jax.data import from_arrays, load_dataset
 from lgmrec_jax.model import sample_noise
 
@@ -130,14 +130,14 @@ def catalogue_dataset(n_users=120, n_items=700, seed=0):
 def test_top_k_methods_give_the_direct_metrics(method):
     """Exact on CPU for both (approx_max_k is exact off TPUs); per-block noise keys are unchanged."""
     ds = catalogue_dataset()
-    direct = run_lib.Experiment(tiny(eval_batch_size=32, eval_topk="direct"), ds)
+    direct = engine_lib.SingleEngine(tiny(eval_batch_size=32, eval_topk="direct"), ds)
     params = direct.init_state().params
-    other = run_lib.Experiment(tiny(eval_batch_size=32, eval_topk=method), ds)
+    other = engine_lib.SingleEngine(tiny(eval_batch_size=32, eval_topk=method), ds)
     key = jax.random.PRNGKey(5)
     tops = [e.evaluate_split(params, e.graph, e.feats, *direct.eval_arrays["test"], key) for e in (direct, other)]
     np.testing.assert_array_equal(np.asarray(tops[1].items), np.asarray(tops[0].items))
     np.testing.assert_array_equal(np.asarray(tops[1].hits), np.asarray(tops[0].hits))
-    assert other.evaluate(params, epoch=3) == direct.evaluate(params, epoch=3)
+    assert other.evaluate_params(params, epoch=3) == direct.evaluate_params(params, epoch=3)
 
 
 def test_per_block_evaluation_equals_a_full_forward_per_block(synthetic_dir):
@@ -145,7 +145,7 @@ def test_per_block_evaluation_equals_a_full_forward_per_block(synthetic_dir):
     see what a whole forward with that block's own Gumbel draw gives (SPEC §3.6). The evaluator runs
     the default top-k ("grouped"); the expected lists come from lax.top_k."""
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
-    exp = run_lib.Experiment(tiny(eval_batch_size=7), ds)
+    exp = engine_lib.SingleEngine(tiny(eval_batch_size=7), ds)
     params = exp.init_state().params
     key = jax.random.PRNGKey(11)
     block_users, rows, cols, _ = exp.eval_arrays["valid"]
@@ -171,7 +171,7 @@ def test_device_hits_equal_the_host_relevance_and_give_its_metrics(synthetic_dir
     big = catalogue_dataset()
     big = dataclasses.replace(big, valid=np.concatenate([big.valid, big.valid[:1]]))
     for ds in (load_dataset(synthetic_dir, "synthetic_tiny"), big):
-        exp = run_lib.Experiment(tiny(eval_batch_size=16), ds)
+        exp = engine_lib.SingleEngine(tiny(eval_batch_size=16), ds)
         params = exp.init_state().params
         for i, (name, plan) in enumerate(exp.plans.items()):
             out = exp.evaluate_split(params, exp.graph, exp.feats, *exp.eval_arrays[name], jax.random.PRNGKey(i))
@@ -235,13 +235,13 @@ def test_score_chunk_config():
 
 
 def test_evaluation_shares_the_noise_free_part_across_splits():
-    """Experiment.evaluate computes the noise-free forward once and passes it to both splits; the
+    """SingleEngine.evaluate_params computes the noise-free forward once and passes it to both splits; the
     lists must be those of a split that computes it itself, at any score chunk."""
     ds = catalogue_dataset()
-    exp = run_lib.Experiment(tiny(eval_batch_size=32, eval_score_chunk=0), ds)
+    exp = engine_lib.SingleEngine(tiny(eval_batch_size=32, eval_score_chunk=0), ds)
     params = exp.init_state().params
     base = exp.noise_free(params, exp.graph, exp.feats)
-    chunked = run_lib.Experiment(tiny(eval_batch_size=32, eval_score_chunk=5), ds)
+    chunked = engine_lib.SingleEngine(tiny(eval_batch_size=32, eval_score_chunk=5), ds)
     for i, name in enumerate(exp.plans):
         key = jax.random.PRNGKey(i)
         n_users = len(exp.plans[name].users)
@@ -256,20 +256,20 @@ def test_evaluation_shares_the_noise_free_part_across_splits():
         first_skipped = last_block + -(-(n_users - last_block) // 5) * 5
         assert first_skipped < len(shared) and (shared[first_skipped:] == -1).all()
         assert (shared[:first_skipped] >= 0).all()
-    assert chunked.evaluate(params, epoch=2) == exp.evaluate(params, epoch=2)
+    assert chunked.evaluate_params(params, epoch=2) == exp.evaluate_params(params, epoch=2)
 
 
 def test_concurrent_splits_give_the_sequential_metrics():
-    """On CPUs the splits are evaluated from threads of their own (run.Experiment.concurrent_splits):
+    """On CPUs the splits are evaluated from threads of their own (engine.SingleEngine.concurrent_splits):
     the same programs on the same inputs, so the same metrics as one after another."""
     ds = catalogue_dataset()
-    exp = run_lib.Experiment(tiny(eval_batch_size=32), ds)
+    exp = engine_lib.SingleEngine(tiny(eval_batch_size=32), ds)
     assert exp.concurrent_splits == (jax.default_backend() == "cpu")
     params = exp.init_state().params
     results = {}
     for concurrent in (True, False):
         exp.concurrent_splits = concurrent
-        results[concurrent] = [exp.evaluate(params, epoch=e) for e in (0, 1)]
+        results[concurrent] = [exp.evaluate_params(params, epoch=e) for e in (0, 1)]
     assert results[True] == results[False]
     assert results[True][0] != results[True][1]  # epochs draw different noise: the comparison can fail
 

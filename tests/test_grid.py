@@ -159,6 +159,7 @@ def test_shards_merge_into_the_unsharded_tables(plain_dir, tmp_path):
     assert os.listdir(tmp_path / "mine") == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_killed_group_resumes_and_finished_configs_are_skipped(plain_dir, tmp_path):
     g = grid_file(tmp_path, ALPHA_SEEDS)
     kw = dict(base_overrides=PLAIN, shard=(0, 2))
@@ -214,6 +215,7 @@ def test_devices_and_batchings_give_the_same_results(plain_dir, tmp_path):
             assert_close_runs(rows_1, rows_2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["group", "sequential"])
 def test_two_processes_with_jax_distributed_split_the_grid(plain_dir, tmp_path, compilation_cache, mode):
     """Each process trains its own shard; in sequential mode each config is a process-local single run
@@ -297,8 +299,8 @@ def test_shipped_grids_expand_on_synthetic_presets():
     assert alphas[:3] == [0.0, 0.01, 0.05] and len(alphas) == 13
     assert len(expand("alpha", "synthetic_baby", base)) == 11
     taus = spec.resolve(expand("tau", "synthetic_tiny", base), base, "tau")
-    from lgmrec_jax import multi
-    assert len({multi.program_key(p.cfg) for p in taus}) == 1  # one program for the whole sweep
+    from lgmrec_jax import group_engine
+    assert len({group_engine.program_key(p.cfg) for p in taus}) == 1  # one program for the whole sweep
     assert [p.overrides["hyper_num"] for p in expand("hyper_num", "baby", base)] == [
         2, 4, 8, 16, 32, 64, 128, 256]
     shard = sharding.shard_points(expand("hyper_num", "baby", base, seeds=[0, 1]), 1, 4)
@@ -319,13 +321,13 @@ def test_cli_reports_grid_errors_in_one_line(tmp_path):
 def test_column_propagation_equals_plain_vmap():
     """ColumnOps.propagate under vmap (one propagation over all configs' columns) gives plain
     vmap's values and gradients, for the symmetric A_hat and for R (whose backward is R^T)."""
-    from lgmrec_jax import graph as graph_lib, model as model_lib, multi
+    from lgmrec_jax import graph as graph_lib, group_engine, model as model_lib
 
     rng = np.random.default_rng(0)
     n_users, n_items, k = 12, 9, 3
     train = np.stack([np.repeat(np.arange(n_users), 3), rng.integers(0, n_items, 3 * n_users)], axis=1)
     g = graph_lib.build_graph(train, n_users, n_items)
-    local, columns = model_lib.LocalOps("segment_sum"), multi.ColumnOps()
+    local, columns = model_lib.LocalOps("segment_sum"), group_engine.ColumnOps()
     for matrix, n_rows, n_cols, width in ((g.norm_adj, n_users + n_items, n_users + n_items, 4),
                                           (g.interactions, n_users, n_items, 5)):
         x = jax.numpy.asarray(rng.normal(size=(k, n_cols, width)), jax.numpy.float32)
@@ -346,7 +348,7 @@ def test_column_propagation_equals_plain_vmap():
 def test_traced_values_reach_their_own_config():
     """A map group whose configs differ in every traced key trains each config as its single run
     (to float32 reassociation: a traced value is not constant-folded as a single run's is)."""
-    from lgmrec_jax import data, multi, sampler as sampler_lib, trainer
+    from lgmrec_jax import data, engine as engine_lib, group_engine, sampler as sampler_lib, step as step_lib
 
     rng = np.random.default_rng(1)
     n_users, n_items = 12, 9
@@ -361,25 +363,23 @@ def test_traced_values_reach_their_own_config():
                    num_devices=1, seed=seed, alpha=alpha, keep_rate=keep, cl_weight=cl, reg_weight=reg,
                    learning_rate=lr, tau=tau)
         cfgs.append(cfg)
-    prog = multi.MultiProgram(cfgs[0], ds, batching="map", uniform=multi.uniform_values(cfgs))
+    prog = group_engine.GroupEngine(cfgs[0], ds, batching="map", uniform=group_engine.uniform_values(cfgs))
     assert prog.uniform == {}
-    states = prog.init_states([0, 1])
+    states = prog.init([0, 1])
     per = [sampler_lib.NegativeSampler(ds.train, n_items, 16, c.seed).epoch(0) for c in cfgs]
-    batches = sampler_lib.EpochBatches(*(np.stack([getattr(b, f) for b in per]) for f in sampler_lib.EpochBatches._fields))
-    states, parts, _ = prog.run_epoch(states, multi.hyper_of(cfgs), batches, prog.epoch_keys([0, 1], trainer.TRAIN_STREAM, 0),
-                                      np.ones(2, bool))
+    states, parts, _ = prog.run_epoch(states, cfgs, per, 0, np.ones(2, bool))
     params = prog.get(states.params)
     for k, cfg in [(1, cfgs[1])]:  # the second slot, every value unlike the first's (one single run: compile time)
-        exp = run_lib.Experiment(cfg, ds)
-        state, single_parts = exp.train_epoch(exp.runner.put(exp.init_state()), 0)
+        exp = engine_lib.SingleEngine(cfg, ds)
+        state, single_parts = exp.train_epoch(exp.put(exp.init_state()), 0)
         np.testing.assert_allclose(parts[k], single_parts, rtol=1e-5)
-        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(exp.runner.get(state).params)):
+        for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(exp.get(state).params)):
             np.testing.assert_allclose(a[k], np.asarray(b), rtol=1e-4, atol=1e-6)
         # Evaluation reads alpha and tau (the Gumbel softmax) per config too: same metrics from the same params.
-        single_params = exp.runner.get(state).params
+        single_params = exp.get(state).params
         stacked = jax.tree_util.tree_map(lambda x: np.stack([np.asarray(x)] * 2), single_params)
-        grid_metrics = prog.evaluate(trainer.TrainState(prog.put(stacked), None), multi.hyper_of(cfgs), [0, 1], 0)
-        assert grid_metrics[k] == exp.evaluate(exp.runner.put(single_params), 0)
+        grid_metrics = prog.evaluate(step_lib.TrainState(prog.put(stacked), None), cfgs, 0)
+        assert grid_metrics[k] == exp.evaluate_params(single_params, 0)
 
 
 def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_path, monkeypatch):
@@ -388,19 +388,19 @@ def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_
     import collections
     import threading
 
-    from lgmrec_jax import checkpoint as ckpt_lib, multi
+    from lgmrec_jax import checkpoint as ckpt_lib, group_engine
 
     training = collections.defaultdict(threading.Event)
     overlapped, lines_at_save = [], []
-    real_epoch, real_save = multi.MultiProgram.run_epoch, ckpt_lib.Checkpoints.save
+    real_epoch, real_save = group_engine.GroupEngine.run_epoch, ckpt_lib.Checkpoints.save
     workdir = tmp_path / "grid"
 
     started = []
 
-    def run_epoch(self, states, hyper, batches, keys, active):
+    def run_epoch(self, states, cfgs, batches, epoch, active, on_chunk=None):
         training[len(started)].set()  # epoch e of a fresh group is its e-th call
         started.append(True)
-        return real_epoch(self, states, hyper, batches, keys, active)
+        return real_epoch(self, states, cfgs, batches, epoch, active, on_chunk)
 
     def save(self, step, state, meta, valid_value):
         lines = [len(read_jsonl(p)) for p in workdir.glob("configs/*/metrics.jsonl")]
@@ -409,7 +409,7 @@ def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_
             overlapped.append(training[step].wait(timeout=30))
         real_save(self, step, state, meta, valid_value)
 
-    monkeypatch.setattr(multi.MultiProgram, "run_epoch", run_epoch)
+    monkeypatch.setattr(group_engine.GroupEngine, "run_epoch", run_epoch)
     monkeypatch.setattr(ckpt_lib.Checkpoints, "save", save)
     result = run_grid(grid_file(tmp_path, ALPHA_SEEDS), "plain", plain_dir, str(workdir),
                       dict(PLAIN, epochs=3), shard=(0, 2))

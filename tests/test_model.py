@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lgmrec_jax import data, graph as graph_lib, losses, trainer
+from lgmrec_jax import data, graph as graph_lib, losses, step as step_lib
 from lgmrec_jax.configs import default
 from lgmrec_jax.model import LGMRec, l2_normalize, sample_noise
 
@@ -26,10 +26,10 @@ def small_config():
 
 def forward(ds, cfg=None, train=True, key=0):
     cfg = cfg or small_config()
-    model = trainer.make_model(cfg, ds)
+    model = step_lib.make_model(cfg, ds)
     g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
-    feats = trainer.device_features(ds)
-    state = trainer.init_state(model, trainer.make_optimizer(cfg.learning_rate), g, feats, seed=1)
+    feats = step_lib.device_features(ds)
+    state = step_lib.init_state(model, step_lib.make_optimizer(cfg.learning_rate), g, feats, seed=1)
     noise = sample_noise(jax.random.PRNGKey(key), model.noise_shapes(), train, model.keep_rate)
     return model, g, feats, state.params, model.apply(state.params, g, feats, noise)
 
@@ -95,14 +95,14 @@ def test_normalize_has_finite_gradient_at_zero_rows():
 def test_cold_items_give_finite_gradients():
     ds = toy_dataset()  # the last item never occurs in training: an isolated node
     cfg = small_config()
-    model = trainer.make_model(cfg, ds)
+    model = step_lib.make_model(cfg, ds)
     g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
-    feats = trainer.device_features(ds)
-    state = trainer.init_state(model, trainer.make_optimizer(cfg.learning_rate), g, feats, 1)
-    step = trainer.make_train_step(model, trainer.make_optimizer(cfg.learning_rate), cfg)
+    feats = step_lib.device_features(ds)
+    state = step_lib.init_state(model, step_lib.make_optimizer(cfg.learning_rate), g, feats, 1)
+    step = step_lib.make_train_step(model, step_lib.make_optimizer(cfg.learning_rate), step_lib.config_objective(cfg))
     batch = losses.Batch(jnp.arange(4), jnp.arange(4), jnp.full(4, ds.n_items - 1), jnp.ones(4))
     new_state, parts = step(state, g, feats, batch, jax.random.PRNGKey(3))
-    assert trainer.finite_state(new_state) and np.isfinite(float(parts.total))
+    assert step_lib.finite_state(new_state) and np.isfinite(float(parts.total))
 
 
 def mge_terms(model, params, g, feats):
@@ -122,7 +122,7 @@ def test_ablation_switches_remove_their_term(switch):
     cfg = small_config()
     model, g, feats, params, full = forward(ds, cfg, train=False)
     cfg[switch] = False
-    ablated = trainer.make_model(cfg, ds)
+    ablated = step_lib.make_model(cfg, ds)
     noise = sample_noise(jax.random.PRNGKey(0), ablated.noise_shapes(), False, ablated.keep_rate)
     out = ablated.apply(params, g, feats, noise)
     c = model.apply(params, g, method=LGMRec.cge)
@@ -133,7 +133,7 @@ def test_ablation_switches_remove_their_term(switch):
         np.testing.assert_allclose(ablated.apply(params, g, method=LGMRec.cge),
                                    jnp.concatenate([params["params"]["user_emb"], params["params"]["item_emb"]]))
         cfg.alpha = 0.0  # without the hypergraph term the output is exactly the MGE part
-        no_ghe = trainer.make_model(cfg, ds).apply(params, g, feats, noise)
+        no_ghe = step_lib.make_model(cfg, ds).apply(params, g, feats, noise)
         mge = mge_terms(model, params, g, feats)
         np.testing.assert_allclose(jnp.concatenate([no_ghe.user, no_ghe.item]), mge, rtol=1e-5, atol=1e-6)
     elif switch == "use_mge":
@@ -161,11 +161,11 @@ def test_infonce_matches_a_hand_computed_softmax_at_any_tau():
 def test_tau_config_sets_the_gumbel_and_contrastive_temperature():
     ds = toy_dataset()
     cfg = small_config()
-    assert cfg.tau == 0.2 and trainer.make_model(cfg, ds).tau == 0.2  # the reference's hard-coded value
+    assert cfg.tau == 0.2 and step_lib.make_model(cfg, ds).tau == 0.2  # the reference's hard-coded value
     model, g, feats, params, _ = forward(ds, cfg)
     noise = sample_noise(jax.random.PRNGKey(0), model.noise_shapes(), True, model.keep_rate)
     cfg.tau = 1.0
-    warm = trainer.make_model(cfg, ds)
+    warm = step_lib.make_model(cfg, ds)
     logits = warm.apply(params, g, feats, method=LGMRec.noise_free).logits
     assign = warm.apply(params, logits, noise, method=LGMRec.assignments)
     item_logits = np.asarray(feats["v"])[: ds.n_items] @ np.asarray(params["params"]["v_hyper"])
@@ -205,12 +205,12 @@ def test_feature_dtype_config_reaches_the_device_features():
     ds = toy_dataset()
     cfg = small_config()
     cfg.feature_dtype = "bfloat16"
-    from lgmrec_jax import configs, run as run_lib
+    from lgmrec_jax import configs, engine as engine_lib
 
-    exp = run_lib.Experiment(cfg, ds)
+    exp = engine_lib.SingleEngine(cfg, ds)
     assert {f.dtype for f in exp.feats.values()} == {jnp.dtype(jnp.bfloat16)}
-    state, parts = exp.train_epoch(exp.runner.put(exp.init_state()), 0)
-    assert np.isfinite(parts).all() and trainer.finite_state(exp.runner.get(state))
+    state, parts = exp.train_epoch(exp.put(exp.init_state()), 0)
+    assert np.isfinite(parts).all() and step_lib.finite_state(exp.get(state))
     cfg.feature_dtype = "float16"
     with pytest.raises(configs.ConfigError, match="feature_dtype is 'float16', expected one of"):
         configs.validate(cfg)
@@ -225,12 +225,12 @@ def test_ell_kernel_gives_the_segment_sum_training_step():
     for kernel in ("segment_sum", "ell"):
         cfg = small_config()
         cfg.kernel = kernel
-        model = trainer.make_model(cfg, ds)
+        model = step_lib.make_model(cfg, ds)
         g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items, kernel)
-        feats = trainer.device_features(ds)
-        optimizer = trainer.make_optimizer(cfg.learning_rate)
-        state = trainer.init_state(model, optimizer, g, feats, seed=1)
-        step = jax.jit(trainer.make_train_step(model, optimizer, cfg))
+        feats = step_lib.device_features(ds)
+        optimizer = step_lib.make_optimizer(cfg.learning_rate)
+        state = step_lib.init_state(model, optimizer, g, feats, seed=1)
+        step = jax.jit(step_lib.make_train_step(model, optimizer, step_lib.config_objective(cfg)))
         results[kernel] = step(state, g, feats, batch, jax.random.PRNGKey(5))
     (s_state, s_parts), (e_state, e_parts) = results["segment_sum"], results["ell"]
     np.testing.assert_allclose(np.array(e_parts), np.array(s_parts), rtol=1e-6)

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import REPO, shared_path
 from experiments import precision_emulation as emulation
-from lgmrec_jax import configs, graph as graph_lib, losses, parallel, parity, trainer
+from lgmrec_jax import configs, graph as graph_lib, engine as engine_lib, losses, parity, step as step_lib
 from test_model import small_config, toy_dataset
 
 
@@ -125,17 +125,17 @@ def test_goldens_under_emulated_algorithms():
 
 
 def test_backend_check_names_the_precision_and_the_backend():
-    parallel.check_matmul_precision("BF16_BF16_F32_X6")  # XLA:CPU runs it (as float32)
+    engine_lib.check_matmul_precision("BF16_BF16_F32_X6")  # XLA:CPU runs it (as float32)
     refused = r"matmul_precision 'TF32_TF32_F32_X3' does not run on this backend \(cpu\): "
     with pytest.raises(configs.ConfigError, match=refused):
-        parallel.check_matmul_precision("TF32_TF32_F32_X3")
+        engine_lib.check_matmul_precision("TF32_TF32_F32_X3")
     with emulation.emulating_dot_algorithms():  # the check follows the lowering, both ways
-        parallel.check_matmul_precision("TF32_TF32_F32_X3")
+        engine_lib.check_matmul_precision("TF32_TF32_F32_X3")
         with emulation.emulating_dot_algorithms("tpu"):  # a TPU has no TF32
             with pytest.raises(configs.ConfigError, match=refused + ".*does not exist on a TPU"):
-                parallel.check_matmul_precision("TF32_TF32_F32_X3")
+                engine_lib.check_matmul_precision("TF32_TF32_F32_X3")
     with pytest.raises(configs.ConfigError, match=refused):
-        parallel.check_matmul_precision("TF32_TF32_F32_X3")
+        engine_lib.check_matmul_precision("TF32_TF32_F32_X3")
     cfg = small_config()
     cfg.matmul_precision = "TF32_TF32_F32_X4"
     with pytest.raises(configs.ConfigError, match="matmul_precision is 'TF32_TF32_F32_X4', expected one of"):
@@ -152,12 +152,12 @@ def test_every_product_of_the_gpu_step_carries_the_algorithm(precision, algorith
     """The training step lowered for a GPU (no GPU needed): every dot_general of the forward pass,
     both losses and the gradient is computed with the configured algorithm."""
     ds, cfg = toy_dataset(), small_config()
-    model, optimizer = trainer.make_model(cfg, ds), trainer.make_optimizer(cfg.learning_rate)
+    model, optimizer = step_lib.make_model(cfg, ds), step_lib.make_optimizer(cfg.learning_rate)
     g = graph_lib.build_graph(ds.train, ds.n_users, ds.n_items)
-    feats = trainer.device_features(ds)
-    state = trainer.init_state(model, optimizer, g, feats, seed=1)
+    feats = step_lib.device_features(ds)
+    state = step_lib.init_state(model, optimizer, g, feats, seed=1)
     batch = losses.Batch(jnp.arange(6), jnp.arange(6) % ds.n_items, jnp.full(6, 2), jnp.ones(6))
-    step = jax.jit(trainer.make_train_step(model, optimizer, cfg))
+    step = jax.jit(step_lib.make_train_step(model, optimizer, step_lib.config_objective(cfg)))
     with jax.default_matmul_precision(precision):
         lowered = step.trace(state, g, feats, batch, jax.random.PRNGKey(5)).lower(lowering_platforms=("cuda",))
     dots = re.findall(r"stablehlo\.dot_general .*", lowered.as_text())

@@ -12,16 +12,18 @@ import glob
 import json
 import os
 import shutil
+import re
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from conftest import REPO
 from lgmrec_jax.records import strip_timing
-from lgmrec_jax import checkpoint as ckpt_lib, configs, run as run_lib
+from lgmrec_jax import checkpoint as ckpt_lib, configs, loop, run as run_lib
 from lgmrec_jax import faults, workdir as workdir_lib
 from lgmrec_jax.data import load_dataset
 from lgmrec_jax.hostile_data import HOSTILE, hostile_copy
@@ -126,6 +128,7 @@ def fault_chain(env, args, workdir, last):
     assert os.path.exists(os.path.join(workdir, "summary.json.tmp"))
 
 
+@pytest.mark.slow
 def test_kills_full_disk_and_nan_then_resume_equals_uninterrupted(synthetic_dir, cache_env, reference,
                                                                    tmp_path):
     """Two workdirs (in parallel) meet the faults of kill_chain and fault_chain in turn; a final rerun of
@@ -154,6 +157,7 @@ def truncate(path):
         handle.write(data[:len(data) // 2])
 
 
+@pytest.mark.slow
 def test_truncated_latest_checkpoint_falls_back_and_says_so(synthetic_dir, cache_env, reference, tmp_path):
     ref_dir, ref_summary, ref_rows = reference
     workdir = str(tmp_path / "run")
@@ -172,6 +176,7 @@ def test_truncated_latest_checkpoint_falls_back_and_says_so(synthetic_dir, cache
     assert outputs(workdir) == (ref_summary, ref_rows)  # retrained from the older one, same numbers
 
 
+@pytest.mark.slow
 def test_no_restorable_checkpoint_needs_restart(synthetic_dir, cache_env, reference, tmp_path):
     ref_dir, ref_summary, ref_rows = reference
     workdir = str(tmp_path / "run")
@@ -199,12 +204,13 @@ def test_deleted_checkpoints_with_metrics_left_are_refused(reference, tmp_path):
     shutil.rmtree(os.path.join(workdir, "checkpoints"))
     cfg = configs.for_dataset("synthetic_tiny")
     wd = workdir_lib.Workdir(workdir)
-    checkpoints = ckpt_lib.Checkpoints(wd.file("checkpoints"), 2)
+    store = run_lib.RunStore(cfg, wd)
+    store.open()
     with pytest.raises(workdir_lib.RunError, match=r"holds no checkpoint, but metrics.jsonl shows one was saved "
                                                rf"after epoch {len(ref_rows) - 1} \(deleted\?\); use --restart"):
-        run_lib._restore(cfg, wd, checkpoints, None)
+        store.restore(None)
     os.remove(wd.file("metrics.jsonl"))
-    assert run_lib._restore(cfg, wd, checkpoints, None)[0] is None  # a fresh workdir starts from scratch
+    assert store.restore(None)[0] is None  # a fresh workdir starts from scratch
 
 
 def test_checksum_catches_a_silently_changed_array_and_resume_falls_back(tmp_path):
@@ -240,18 +246,27 @@ def test_checksum_catches_a_silently_changed_array_and_resume_falls_back(tmp_pat
     checkpoints.close()
 
 
-def test_non_finite_parameters_stop_with_reason(tmp_path):
-    state = run_lib.trainer.TrainState(params={"w": np.array([1.0, np.nan])}, opt_state=())
-    summary = tmp_path / "summary.json"
-    progress = run_lib.Progress(epoch=4)
-    with pytest.raises(run_lib.NonFiniteError, match=r"epoch 4, after its last step \(parameters\); the last "
-                                                     r"good checkpoint \(checkpoints/3, after 3 epochs\)"):
-        run_lib.check_finite(np.ones((2, 4)), state, 4, str(summary), progress, [2, 3])
-    written = json.loads(summary.read_text())
+def test_non_finite_parameters_stop_with_reason(synthetic_dir, tmp_path):
+    """A config whose parameters are not finite after epoch 4 stops with a reason naming the last good
+    checkpoint of its store; a NaN loss before any checkpoint says that none was saved."""
+    cfg, ds = configs.for_dataset("synthetic_tiny"), load_dataset(synthetic_dir, "synthetic_tiny")
+    store = run_lib.RunStore(cfg, workdir_lib.Workdir(str(tmp_path)))
+    store.open()
+    for step in (2, 3):
+        store.checkpoints.save(step, {"w": np.zeros(2, np.float32)}, {}, None)
+    run = loop.ConfigRun(loop.Member("run", cfg, str(tmp_path)), ds, loop.ConfigProgress(), time.time())
+    assert run.train_row(4, np.ones((2, 4)), False, 0.1, store.kept(4)) is None
+    assert re.fullmatch(r"non-finite loss or parameters in epoch 4, after its last step \(parameters\); the last "
+                        r"good checkpoint \(checkpoints/3, after 3 epochs\) is kept", run.progress.non_finite["reason"])
+    run.write_summary()
+    written = json.loads((tmp_path / "summary.json").read_text())
     assert written["status"] == "non_finite" and written["step"] is None
-    assert written["last_good_checkpoint_epoch"] == 3
-    with pytest.raises(run_lib.NonFiniteError, match="step 0; no checkpoint had been saved yet"):
-        run_lib.check_finite(np.full((2, 4), np.inf), state, 0, str(summary), run_lib.Progress(), [])
+    assert written["last_good_checkpoint_epoch"] == 3 and not run.active(5)
+    store.close()
+    fresh = loop.ConfigRun(loop.Member("run", cfg, str(tmp_path)), ds, loop.ConfigProgress(), time.time())
+    assert fresh.train_row(0, np.full((2, 4), np.inf), True, 0.1, run_lib.RunStore(cfg, None).kept(0)) is None
+    assert fresh.progress.non_finite["reason"].endswith("step 0; no checkpoint had been saved yet")
+    assert fresh.train_row(0, np.ones((2, 4)), True, 0.1, (None, None))["loss"]["total"] == 2.0
 
 
 def test_unwritable_workdir_is_refused_before_training(synthetic_dir, cache_env, tmp_path):
@@ -277,13 +292,14 @@ def test_unwritable_workdir_is_refused_before_training(synthetic_dir, cache_env,
 def test_full_disk_before_training_is_refused(tmp_path, monkeypatch):
     wd = workdir_lib.Workdir(str(tmp_path))
     state = {"w": np.zeros((1000, 64), np.float32)}
-    run_lib._check_free_space(wd, state)
+    run_lib.check_free_space(wd, state)
     usage = shutil.disk_usage(str(tmp_path))
     monkeypatch.setattr(run_lib.shutil, "disk_usage", lambda path: usage._replace(free=100_000))
     with pytest.raises(workdir_lib.RunError, match=r"only 0.1 MiB free on its disk, a checkpoint needs about 1.5 MiB"):
-        run_lib._check_free_space(wd, state)
+        run_lib.check_free_space(wd, state)
 
 
+@pytest.mark.slow
 def test_second_process_on_a_locked_workdir_is_refused_and_changes_nothing(synthetic_dir, cache_env,
                                                                            reference, tmp_path):
     ref_dir, _, _ = reference
@@ -302,6 +318,7 @@ def test_second_process_on_a_locked_workdir_is_refused_and_changes_nothing(synth
 
 # ---- Hostile datasets through the CLI (the cases are lgmrec_jax/hostile_data.py's HOSTILE) ------------
 
+@pytest.mark.slow
 def test_hostile_datasets_exit_2_with_one_line_and_write_nothing(cache_env, tmp_path):
     """Each bad input: exit 2, stderr exactly one line `error: <file>: <problem>`, no traceback, no workdir."""
     def attempt(index):
@@ -341,6 +358,7 @@ def test_hostile_but_valid_datasets_load_as_intended(synthetic_dir, tmp_path):
     np.testing.assert_array_equal(ds.t_feat, clean.t_feat)
 
 
+@pytest.mark.slow
 def test_bom_and_windows_line_endings_train_exactly_as_the_clean_file(synthetic_dir, cache_env, reference,
                                                                       tmp_path):
     data_dir = hostile_copy(synthetic_dir, tmp_path / "data")
@@ -349,6 +367,7 @@ def test_bom_and_windows_line_endings_train_exactly_as_the_clean_file(synthetic_
     assert outputs(workdir) == reference[1:]
 
 
+@pytest.mark.slow
 def test_all_zero_features_train_to_finite_numbers(synthetic_dir, cache_env, reference, tmp_path):
     data_dir = hostile_copy(synthetic_dir, tmp_path / "data", zero_image=True)
     workdir = tmp_path / "run"

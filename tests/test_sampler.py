@@ -65,10 +65,13 @@ def test_prefetched_epochs_equal_direct_ones():
     from lgmrec_jax.sampler import Prefetcher
 
     train = make_train()
-    direct = NegativeSampler(train, 30, 64, seed=5)
-    prefetch = Prefetcher(NegativeSampler(train, 30, 64, seed=5))
-    for epoch in (0, 1, 2, 5, 6):  # in order, then a jump (as after a resume)
-        got, want = prefetch.epoch(epoch), direct.epoch(epoch)
-        for a, b in zip(got, want):
-            np.testing.assert_array_equal(a, b)
+    direct = {"a": NegativeSampler(train, 30, 64, seed=5), "b": NegativeSampler(train, 30, 32, seed=6)}
+    prefetch = Prefetcher({"a": NegativeSampler(train, 30, 64, seed=5), "b": NegativeSampler(train, 30, 32, seed=6)})
+    # In order, then a jump (as after a resume), then fewer configs (some finished), then more again.
+    for epoch, cids in ((0, "ab"), (1, "ab"), (2, "ab"), (5, "ab"), (6, "b"), (7, "b"), (8, "ab")):
+        got = prefetch.epoch(epoch, list(cids))
+        assert sorted(got) == sorted(cids)
+        for cid in cids:
+            for x, y in zip(got[cid], direct[cid].epoch(epoch)):
+                np.testing.assert_array_equal(x, y)
     prefetch.close()

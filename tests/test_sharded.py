@@ -35,10 +35,11 @@ def test_four_devices_equal_one_after_three_steps(synthetic_dir, legacy, feature
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
     results = {}
     for n in (1, 4):
-        exp = run_lib.Experiment(config(n, legacy, feature_dtype), ds)
-        state, parts = exp.train_epoch(exp.runner.put(exp.init_state()), epoch=0)
+        exp = run_lib.make_engine(config(n, legacy, feature_dtype), ds)
+        assert type(exp).__name__ == ("SingleEngine" if n == 1 else "PmapEngine")
+        state, parts = exp.train_epoch(exp.put(exp.init_state()), epoch=0)
         assert parts.shape == (3, 4)
-        results[n] = (exp.runner.get(state), parts)
+        results[n] = (exp.get(state), parts)
     (one, parts_one), (four, parts_four) = results[1], results[4]
     # Parameters: 1e-5 relative (Frobenius) and every entry within 1e-5 absolute. A max-entry relative
     # bound is not used: Adam's first step lr*g/(|g|+1e-8) amplifies float32 reassociation in entries
@@ -52,7 +53,7 @@ def test_four_devices_equal_one_after_three_steps(synthetic_dir, legacy, feature
 
 
 def test_batch_rows_and_graph_rows_are_split():
-    from lgmrec_jax.sharded import rows_per_device, shard_rows
+    from lgmrec_jax.pmap_engine import rows_per_device, shard_rows
 
     rows = np.array([0, 0, 1, 3, 4, 4, 4])
     cols = np.arange(7)

@@ -110,8 +110,8 @@ def test_no_two_library_modules_import_each_other():
 
 
 # The training code the grid package calls (lgmrec_jax.grid.training is the one module that imports it).
-TRAINING_MODULES = ("lgmrec_jax.multi", "lgmrec_jax.run", "lgmrec_jax.parallel", "lgmrec_jax.trainer",
-                    "lgmrec_jax.sharded")
+TRAINING_MODULES = ("lgmrec_jax.group", "lgmrec_jax.group_engine", "lgmrec_jax.run", "lgmrec_jax.loop",
+                    "lgmrec_jax.engine", "lgmrec_jax.pmap_engine", "lgmrec_jax.step")
 
 
 def test_the_grid_reaches_the_training_code_through_one_module():

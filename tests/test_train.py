@@ -12,7 +12,7 @@ import pytest
 
 from conftest import REPO, read_jsonl
 from lgmrec_jax.records import strip_timing
-from lgmrec_jax import configs, evaluation, run as run_lib
+from lgmrec_jax import configs, engine as engine_lib, evaluation, loop, run as run_lib
 from lgmrec_jax import workdir as workdir_lib
 from lgmrec_jax.data import load_dataset
 
@@ -137,8 +137,8 @@ def test_evaluation_is_invariant_to_block_size(synthetic_dir, eval_noise):
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
     results = []
     for block in (7, 1000):
-        exp = run_lib.Experiment(tiny_config(eval_batch_size=block, eval_noise=eval_noise), ds)
-        results.append(exp.evaluate(exp.init_state().params, epoch=0))
+        exp = engine_lib.SingleEngine(tiny_config(eval_batch_size=block, eval_noise=eval_noise), ds)
+        results.append(exp.evaluate_params(exp.init_state().params, epoch=0))
     assert results[0] == results[1]
 
 
@@ -195,24 +195,24 @@ def test_a_checkpoint_is_written_while_the_next_epoch_trains(synthetic_dir, tmp_
     ds = load_dataset(synthetic_dir, "synthetic_tiny")
     training = collections.defaultdict(threading.Event)
     overlapped, recorded = [], []
-    real_train, real_save, real_record = run_lib.Experiment.train_epoch, run_lib._save, run_lib._record
+    real_run, real_save, real_record = engine_lib.SingleEngine.run_epoch, run_lib.RunStore.save, loop.ConfigRun.record
 
-    def train_epoch(self, state, epoch, on_chunk=None):
+    def run_epoch(self, states, cfgs, batches, epoch, *args):
         training[epoch].set()
-        return real_train(self, state, epoch, on_chunk)
+        return real_run(self, states, cfgs, batches, epoch, *args)
 
-    def save(checkpoints, epoch, state, meta, valid_value):
-        if epoch < 2:  # a synchronous save would wait here in vain: the next epoch starts after it
-            overlapped.append(training[epoch + 1].wait(timeout=30))
-        real_save(checkpoints, epoch, state, meta, valid_value)
+    def save(self, epochs_done, state, *args):
+        if epochs_done <= 2:  # a synchronous save would wait here in vain: the next epoch starts after it
+            overlapped.append(training[epochs_done].wait(timeout=30))
+        real_save(self, epochs_done, state, *args)
 
-    def record(wd, board, row):
+    def record(self, row):
         recorded.append((row["epoch"], sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())))
-        real_record(wd, board, row)
+        real_record(self, row)
 
-    monkeypatch.setattr(run_lib.Experiment, "train_epoch", train_epoch)
-    monkeypatch.setattr(run_lib, "_save", save)
-    monkeypatch.setattr(run_lib, "_record", record)
+    monkeypatch.setattr(engine_lib.SingleEngine, "run_epoch", run_epoch)
+    monkeypatch.setattr(run_lib.RunStore, "save", save)
+    monkeypatch.setattr(loop.ConfigRun, "record", record)
     summary = run_lib.train_and_evaluate(tiny_config(epochs=3), ds, str(tmp_path))
     assert overlapped == [True, True]
     assert [(epoch, epoch + 1 in steps) for epoch, steps in recorded] == [(0, True), (1, True), (2, True)]
@@ -253,6 +253,7 @@ def test_an_empty_workdir_flag_is_refused(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_a_run_in_one_line(synthetic_dir, tmp_path):
     # A background job's children inherit an ignored SIGINT, and Python then raises no KeyboardInterrupt:
     # the launcher restores Python's handler, as a terminal's foreground process has it.

@@ -15,7 +15,7 @@ EVAL_NOISE_MODES = ("per_block", "per_eval", "off")
 KERNELS = ("segment_sum", "bcoo", "ell")
 # JAX's precision levels, then two of its dot algorithms that keep float32's accuracy on tensor cores
 # (TF32_TF32_F32_X3: three TF32 passes, GPUs only; BF16_BF16_F32_X6: six bfloat16 passes, which is
-# what "highest" means on a TPU). Which backend runs which is checked by parallel.check_backend.
+# what "highest" means on a TPU). Which backend runs which is checked by engine.check_backend.
 PRECISIONS = ("highest", "high", "default", "float32", "tensorfloat32", "bfloat16",
               "TF32_TF32_F32_X3", "BF16_BF16_F32_X6")
 FEATURE_DTYPES = ("float32", "bfloat16")

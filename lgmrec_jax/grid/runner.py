@@ -165,9 +165,9 @@ def _run_grid(options: GridOptions) -> dict:
                                              "devices": devices, "batching": options.batching}})
                    for p in chunk]
         try:
-            summaries.update(training.train_group(members, ds, manifest_lib.group_dir(workdir, gid), devices,
-                                                  options.repack, options.eval_chunk, options.stop_after_epochs,
-                                                  checksums, batching=options.batching))
+            summaries.update(training.train_group(members, ds, manifest_lib.group_dir(workdir, gid), training.GroupOptions(
+                n_devices=devices, repack=options.repack, eval_chunk=options.eval_chunk, batching=options.batching,
+                stop_after_epochs=options.stop_after_epochs, checksums=checksums)))
         except training.GroupError as err:
             raise GridError(f"group {gid}: {err}") from None
     manifest_lib.write_json_unique(os.path.join(workdir, "grid.json"), manifest)

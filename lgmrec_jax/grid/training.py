@@ -1,26 +1,27 @@
 """What the grid calls of the training code, in one module.
 
-Every use of lgmrec_jax.multi (the group engine), lgmrec_jax.run (single runs) and lgmrec_jax.parallel
-(the backend checks) by this package goes through the names below, so a change of those modules'
+Every use of lgmrec_jax.group (a group through the loop), lgmrec_jax.run (single runs) and
+lgmrec_jax.engine (the backend checks) by this package goes through the names below, so a change of those modules'
 names or signatures is met here alone. Importing this module imports JAX.
 """
 
 from __future__ import annotations
 
-from lgmrec_jax import multi, parallel, run as run_lib
+from lgmrec_jax import engine, group, group_engine, records, run as run_lib
 
-# The group engine (lgmrec_jax/multi.py).
-Member = multi.Member
-GroupError = multi.GroupError
-train_group = multi.train_group
-program_key = multi.program_key
-PER_CONFIG_KEYS = multi.PER_CONFIG_KEYS  # the keys that configs of one program may differ in
-FINAL_STATUSES = multi.FINAL_STATUSES  # a summary.json with one of these is a finished config
-BATCHINGS = multi.BATCHINGS
+# A group of configs (lgmrec_jax/group.py on the group engine, lgmrec_jax/group_engine.py).
+Member = group.Member
+GroupError = group.GroupError
+GroupOptions = group.GroupOptions
+train_group = group.train_group
+program_key = group_engine.program_key
+PER_CONFIG_KEYS = group_engine.PER_CONFIG_KEYS  # the keys that configs of one program may differ in
+FINAL_STATUSES = records.FINAL_STATUSES  # a summary.json with one of these is a finished config
+BATCHINGS = group_engine.BATCHINGS
 
 # Single runs (lgmrec_jax/run.py): --mode=sequential.
 train_and_evaluate = run_lib.train_and_evaluate
 NonFiniteError = run_lib.NonFiniteError
 
-# What a config asks of this backend (lgmrec_jax/parallel.py).
-check_matmul_precision = parallel.check_matmul_precision
+# What a config asks of this backend (lgmrec_jax/engine.py).
+check_matmul_precision = engine.check_matmul_precision

@@ -1,7 +1,7 @@
-"""Model construction, the training step and the compiled epoch.
+"""The training step and the epoch scan shared by every engine, and how a model and its state are made.
 
-An epoch is one compiled program: ``lax.scan`` of :func:`train_step` over the epoch's
-device-resident batches, with the parameters and optimiser state donated. Every random draw of
+An epoch is one compiled program: :func:`epoch_scan` of :func:`make_train_step`'s step over the
+epoch's device-resident batches, with the parameters and optimiser state donated. Every random draw of
 step s of epoch e comes from ``fold_in(fold_in(key(seed), TRAIN_STREAM), e)`` folded with s, so a
 run is a pure function of its seed and a resumed run repeats an uninterrupted one exactly.
 """
@@ -62,19 +62,34 @@ def init_state(model: LGMRec, optimizer, graph: Graph, feats: dict, seed: int) -
     return TrainState(params, optimizer.init(params))
 
 
-def make_train_step(model: LGMRec, optimizer, cfg, grad_reduce=None):
-    """fn(state, graph, feats, batch, key) -> (state, LossParts); ``grad_reduce`` averages across devices."""
+def single_device_objective(cl_weight, reg_weight, tau):
+    """The loss of one device holding the whole batch: fn(outputs, batch) -> (total, LossParts)."""
+    def objective(out, batch):
+        parts = losses.loss_parts(out, batch, cl_weight, reg_weight, tau)
+        return parts.total, parts
+    return objective
+
+
+def config_objective(cfg):
+    """:func:`single_device_objective` with a config's loss weights."""
+    return single_device_objective(cfg.cl_weight, cfg.reg_weight, cfg.tau)
+
+
+def make_train_step(model: LGMRec, optimizer, objective, grad_reduce=None):
+    """fn(state, graph, feats, batch, key) -> (state, LossParts): the one training step of every engine.
+
+    ``objective(outputs, batch) -> (value to differentiate, LossParts)`` (:func:`single_device_objective`,
+    or a device's share of it under pmap, lgmrec_jax.pmap_engine); ``grad_reduce`` sums the devices'
+    gradients. The loss weights and the rate may be traced values (a group's configs)."""
     shapes = model.noise_shapes()
 
-    def objective(params, graph, feats, batch, key):
+    def loss(params, graph, feats, batch, key):
         with jax.named_scope("noise"):
             noise = sample_noise(key, shapes, train=True, keep_rate=model.keep_rate)
-        out = model.apply(params, graph, feats, noise)
-        parts = losses.loss_parts(out, batch, cfg.cl_weight, cfg.reg_weight, cfg.tau)
-        return parts.total, parts
+        return objective(model.apply(params, graph, feats, noise), batch)
 
     def train_step(state: TrainState, graph, feats, batch: losses.Batch, key):
-        grads, parts = jax.grad(objective, has_aux=True)(state.params, graph, feats, batch, key)
+        grads, parts = jax.grad(loss, has_aux=True)(state.params, graph, feats, batch, key)
         if grad_reduce is not None:
             grads = grad_reduce(grads)
         with jax.named_scope("adam"):
@@ -84,19 +99,11 @@ def make_train_step(model: LGMRec, optimizer, cfg, grad_reduce=None):
     return train_step
 
 
-def make_epoch_fn(train_step):
-    """fn(state, graph, feats, batches, epoch_key, first_step) -> (state, stacked LossParts)."""
-
-    def run_epoch(state, graph, feats, batches: losses.Batch, epoch_key, first_step):
-        steps = first_step + jnp.arange(batches.users.shape[0])
-
-        def body(carry, xs):
-            batch, step = xs
-            return train_step(carry, graph, feats, batch, jax.random.fold_in(epoch_key, step))
-
-        return jax.lax.scan(body, state, (batches, steps))
-
-    return run_epoch
+def epoch_scan(step, state, batches, first_step):
+    """The compiled epoch of every engine: ``lax.scan`` of ``step(state, batch, step_index)`` over the
+    leading (step) axis of ``batches``; returns (state, stacked per-step outputs)."""
+    steps = first_step + jnp.arange(jax.tree_util.tree_leaves(batches)[0].shape[0])
+    return jax.lax.scan(lambda carry, xs: step(carry, *xs), state, (batches, steps))
 
 
 def to_batch(epoch_batches) -> losses.Batch:

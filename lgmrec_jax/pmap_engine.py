@@ -1,4 +1,4 @@
-"""The data-parallel training step over devices (``jax.pmap``), the full-graph work split by rows.
+"""The pmap engine: one config's training step data-parallel over devices (``jax.pmap``), by rows.
 
 Every step recomputes the whole graph forward, so each device holds a row block of every big operand
 and the model's products go through :class:`ShardedOps`: sparse propagations and feature projections
@@ -15,12 +15,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.experimental import sparse
 
-from lgmrec_jax import distributed, losses, trainer
+from lgmrec_jax import distributed, engine as engine_lib, losses, step as step_lib
 from lgmrec_jax.graph import Graph, propagate
-from lgmrec_jax.model import frozen_feature_matmul, pad_rows, sample_noise
+from lgmrec_jax.model import frozen_feature_matmul, pad_rows
 
 AXIS = "devices"
 
@@ -98,6 +97,20 @@ def local_graph(shards: dict, shapes: dict, user_inv_deg) -> Graph:
     return Graph(norm_adj=bcoo("norm_adj"), interactions=bcoo("interactions"), user_inv_deg=user_inv_deg)
 
 
+def sharded_objective(cl_weight, reg_weight, tau):
+    """A device's share of the loss over its B/n batch rows (inside pmap): fn(outputs, batch) ->
+    (share, the whole batch's LossParts); the shares' gradients sum to the single-device gradient."""
+    def objective(out, batch):
+        local = losses.loss_sums(out, batch, tau)
+        total = jax.lax.psum(jax.lax.stop_gradient(local), AXIS)
+        norms = [jnp.maximum(jnp.sqrt(s), 1e-30) for s in (total.sq_user, total.sq_pos, total.sq_neg)]
+        # d||x|| = <x, dx> / ||x||: each device's share of the norm has the exact gradient.
+        reg_share = sum(sq / (2.0 * n) for sq, n in zip((local.sq_user, local.sq_pos, local.sq_neg), norms))
+        share = local.bpr / total.rows + cl_weight * local.hcl + reg_weight * reg_share / total.rows
+        return share, losses.combine(total, cl_weight, reg_weight)
+    return objective
+
+
 def step_devices(per_process: int) -> list:
     """The first ``per_process`` local devices of every process taking part, process 0's first: the
     devices of the step (every process's when a run spans processes, lgmrec_jax/distributed.py)."""
@@ -107,25 +120,41 @@ def step_devices(per_process: int) -> list:
     return [d for p in sorted(by_process) for d in sorted(by_process[p], key=lambda d: d.id)[:per_process]]
 
 
-class PmapRunner:
-    """Runs epochs data-parallel over ``n_local`` devices of each process; the state is replicated.
+class PmapEngine(engine_lib.SingleEngine):
+    """One config data-parallel over ``n_local`` devices of each process; the state is replicated.
 
     Every array with a leading device axis is built in full on the host and each process passes its
     own devices' block of it (pmap's multi-process contract), so one code path serves one process
-    and many.
+    and many. Evaluation runs on process 0 from the first replica, with the single-device model.
     """
 
-    def __init__(self, model, optimizer, cfg, n_local: int):
+    def __init__(self, cfg, ds, n_local: int):
         self.devices = step_devices(n_local)
         self.n_devices = len(self.devices)  # across all processes
         local = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
         self.local_slice = slice(local[0], local[-1] + 1)
         self.local_devices = self.devices[self.local_slice]
-        self.model = model.clone(ops=ShardedOps(self.n_devices, model.kernel))
-        self.optimizer = optimizer
-        self.cfg = cfg
-        self._inputs = None  # (graph, feats) it was built for, and their sharded versions
-        self._run = None
+        super().__init__(cfg, ds)
+
+    def compile_epoch(self):
+        n = self.n_devices
+        graph, cfg = self.graph, self.cfg
+        shards = {name: tuple(shard_matrix(getattr(graph, name), n)) for name in ("norm_adj", "interactions")}
+        shapes = {name: (rows_per_device(getattr(graph, name).shape[0], n), getattr(graph, name).shape[1])
+                  for name in shards}
+        self._shards = self.local(shards)
+        self._local_feats = self.local({m: shard_features(f, n) for m, f in self.feats.items()})
+        model = self.model.clone(ops=ShardedOps(n, self.model.kernel))
+        step = step_lib.make_train_step(model, self.optimizer, sharded_objective(cfg.cl_weight, cfg.reg_weight, cfg.tau),
+                                        grad_reduce=lambda grads: jax.lax.psum(grads, AXIS))
+
+        def run_epoch(state, shards, feats, user_inv_deg, batches, epoch_key, first_step):
+            graph = local_graph(shards, shapes, user_inv_deg)
+            return step_lib.epoch_scan(lambda s, batch, i: step(s, graph, feats, batch, jax.random.fold_in(epoch_key, i)),
+                                       state, batches, first_step)
+
+        return jax.pmap(run_epoch, axis_name=AXIS, in_axes=(0, 0, 0, None, 0, None, None),
+                        devices=self.devices, donate_argnums=(0,))
 
     def put(self, state):
         """One replica per device, laid out as pmap expects (leading device axis)."""
@@ -142,51 +171,6 @@ class PmapRunner:
         """This process's block of a tree of (n_devices, ...) host arrays."""
         return jax.tree_util.tree_map(lambda x: x[self.local_slice], tree)
 
-    def shard_inputs(self, graph: Graph, feats: dict):
-        if self._inputs is None or self._inputs[0] is not graph or self._inputs[1] is not feats:
-            n = self.n_devices
-            shards = {name: tuple(shard_matrix(getattr(graph, name), n)) for name in ("norm_adj", "interactions")}
-            shapes = {name: (rows_per_device(getattr(graph, name).shape[0], n), getattr(graph, name).shape[1])
-                      for name in shards}
-            local_feats = {m: shard_features(f, n) for m, f in feats.items()}
-            self._inputs = (graph, feats, self.local(shards), self.local(local_feats))
-            self._run = self.compile(shapes)
-        return self._inputs[2], self._inputs[3]
-
-    def compile(self, shapes: dict):
-        model, optimizer, cfg = self.model, self.optimizer, self.cfg
-        noise_shapes = model.noise_shapes()
-
-        def objective(params, graph, feats, batch, key):
-            noise = sample_noise(key, noise_shapes, train=True, keep_rate=model.keep_rate)
-            local = losses.loss_sums(model.apply(params, graph, feats, noise), batch, cfg.tau)
-            total = jax.lax.psum(jax.lax.stop_gradient(local), AXIS)
-            norms = [jnp.maximum(jnp.sqrt(s), 1e-30) for s in (total.sq_user, total.sq_pos, total.sq_neg)]
-            # d||x|| = <x, dx> / ||x||: each device's share of the norm has the exact gradient.
-            reg_share = sum(sq / (2.0 * n) for sq, n in zip((local.sq_user, local.sq_pos, local.sq_neg), norms))
-            share = (local.bpr / total.rows + cfg.cl_weight * local.hcl
-                     + cfg.reg_weight * reg_share / total.rows)
-            return share, losses.combine(total, cfg.cl_weight, cfg.reg_weight)
-
-        def step(state, graph, feats, batch, key):
-            grads, parts = jax.grad(objective, has_aux=True)(state.params, graph, feats, batch, key)
-            grads = jax.lax.psum(grads, AXIS)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            return trainer.TrainState(optax.apply_updates(state.params, updates), opt_state), parts
-
-        def run_epoch(state, shards, feats, user_inv_deg, batches, epoch_key, first_step):
-            graph = local_graph(shards, shapes, user_inv_deg)
-            steps = first_step + jnp.arange(batches.users.shape[0])
-
-            def body(carry, xs):
-                batch, s = xs
-                return step(carry, graph, feats, batch, jax.random.fold_in(epoch_key, s))
-
-            return jax.lax.scan(body, state, (batches, steps))
-
-        return jax.pmap(run_epoch, axis_name=AXIS, in_axes=(0, 0, 0, None, 0, None, None),
-                        devices=self.devices, donate_argnums=(0,))
-
     def split_batches(self, batches: losses.Batch) -> losses.Batch:
         """(n_batches, B) -> (n_devices, n_batches, B / n_devices), padding B with masked rows."""
         n = self.n_devices
@@ -200,8 +184,7 @@ class PmapRunner:
 
         return self.local(losses.Batch(*(split(x) for x in batches)))
 
-    def run_epoch(self, state, graph, feats, batches, epoch_key, first_step):
-        shards, local_feats = self.shard_inputs(graph, feats)
-        state, parts = self._run(state, shards, local_feats, graph.user_inv_deg, self.split_batches(batches),
-                                 epoch_key, first_step)
+    def run_chunk(self, state, batch, epoch_key, first_step):
+        state, parts = self._epoch(state, self._shards, self._local_feats, self.graph.user_inv_deg,
+                                   self.split_batches(batch), epoch_key, first_step)
         return state, self.get(parts)
