@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One benchmark run of a baseline checkout and this one, interleaved (ABAB), on the same machine:
 # a single run's steady epoch and evaluation (experiments.bench, synthetic_baby and the default preset)
-# and a group's (experiments.bench_grid, K = 4, map).
+# and a group's (experiments.bench_grid, default preset, K = 4, map).
 #
 #   experiments/bench_before_after.sh BASELINE_CHECKOUT OUT_DIR [PYTHON]
 #
@@ -21,8 +21,8 @@ for round in 1 2; do
     echo "== round $round: $side ($tree)" >&2
     (cd "$tree" && "$python" -m experiments.bench --presets=baby,default --data_dir="$data" --out="$dir" \
        --tag=cpu --epochs_to_time=3 --eval_repeats=3 >"$dir/bench.log" 2>&1)
-    (cd "$tree" && "$python" -m experiments.bench_grid --dataset=synthetic_baby --data_dir="$data" --sizes=4 \
-       --batchings=map --device_counts=1 --epochs=3 --out="$dir" --tag=cpu >"$dir/bench_grid.log" 2>&1)
+    (cd "$tree" && "$python" -m experiments.bench_grid --dataset=synthetic --data_dir="$data" --sizes=4 \
+       --batchings=map --device_counts=1 --epochs=2 --out="$dir" --tag=cpu >"$dir/bench_grid.log" 2>&1)
   done
 done
 "$python" - "$out" <<'EOF'
