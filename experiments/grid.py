@@ -39,7 +39,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("batching", "map", ("map", "vmap", "vmap_columns"), "How a group's configs share its "
                       "program: map (one after another inside it; the single runs' numbers exactly), vmap "
                       "(batched; equal to float32 reassociation), vmap_columns (vmap, and each sparse "
-                      "propagation once over all configs' columns). See lgmrec_jax/multi.py.")
+                      "propagation once over all configs' columns). See lgmrec_jax/group_engine.py.")
     flags.DEFINE_integer("devices", 1, "Local devices to spread each group's configs over (0 = all).")
     flags.DEFINE_integer("max_group", 64, "Most configs in one program.")
     flags.DEFINE_bool("repack", True, "vmap: shrink a group's program once at most half of its configs are active "

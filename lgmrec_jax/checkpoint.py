@@ -83,7 +83,7 @@ class Checkpoints:
 
     They belong to this process alone. Orbax's default under jax.distributed treats a save as a
     collective of all processes (barriers, process 0 writing), which would block or drop the saves
-    of a process that trains on its own (a grid's group, experiments/grid.py); a single run's
+    of a process that trains on its own (a grid's group, lgmrec_jax/group.py); a single run's
     checkpoints are written by process 0 alone (lgmrec_jax/run.py).
     """
 

@@ -24,15 +24,9 @@ from lgmrec_jax.data import Dataset
 from lgmrec_jax.graph import build_graph
 
 
-class SingleEngine:
-    """One config on one device: the whole epoch one jitted :func:`step.epoch_scan` with the state donated.
-
-    Also what the other engines build on: the model, graph, features and evaluation plans of a
-    (config, dataset), and the evaluation of one config's parameters.
-    """
-
-    n_slots = 1
-    can_repack = False
+class ProgramInputs:
+    """What every engine builds once for a (config, dataset): the model, the optimiser, the graph and
+    the features on the device, and the evaluation plans with their device arrays."""
 
     def __init__(self, cfg, ds: Dataset):
         self.cfg, self.ds = cfg, ds
@@ -44,6 +38,25 @@ class SingleEngine:
         self.plans = {name: evaluation.plan_split(ds.train, pairs[name], ds.n_users, ds.n_items, cfg.eval_batch_size)
                       for name in evaluation.evaluated_splits(pairs)}
         self.eval_arrays = {name: p.device_arrays() for name, p in self.plans.items()}
+
+
+def replicate(tree, devices: list, axis: str):
+    """One copy of every leaf per device, laid out as pmap's mapped axis (a leading device axis)."""
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (axis,)),
+                                          jax.sharding.PartitionSpec(axis))
+    stack = lambda x: np.broadcast_to(np.asarray(x), (len(devices),) + np.shape(x))
+    return jax.device_put(jax.tree_util.tree_map(stack, tree), sharding)
+
+
+class SingleEngine(ProgramInputs):
+    """One config on one device: the whole epoch one jitted :func:`step.epoch_scan` with the state
+    donated, and the evaluation of one config's parameters (the pmap engine's too)."""
+
+    n_slots = 1
+    can_repack = False
+
+    def __init__(self, cfg, ds: Dataset):
+        super().__init__(cfg, ds)
         self.evaluate_split = jax.jit(evaluation.make_split_evaluator(
             self.model, cfg.eval_noise, cfg.eval_topk, evaluation.resolve_score_chunk(cfg.eval_score_chunk)))
         self.noise_free = jax.jit(evaluation.make_noise_free(self.model))

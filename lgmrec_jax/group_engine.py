@@ -23,7 +23,7 @@ import numpy as np
 from lgmrec_jax import checkpoint as ckpt_lib
 from lgmrec_jax import engine as engine_lib, evaluation, losses, sampler as sampler_lib, step as step_lib
 from lgmrec_jax.data import Dataset
-from lgmrec_jax.model import LocalOps, sample_noise
+from lgmrec_jax.model import LocalOps
 
 TRACED_KEYS = ("alpha", "keep_rate", "cl_weight", "reg_weight", "learning_rate", "tau")
 HOST_KEYS = ("seed", "epochs", "stopping_step")
@@ -198,16 +198,16 @@ class GroupEngine:
         if len(self.devices) < n_devices:
             raise GroupError(f"{n_devices} devices requested, {len(self.devices)} local devices available")
         self.ds = ds
-        single = engine_lib.SingleEngine(cfg, ds)  # the model, graph, features and plans of the program
-        self.model, self.graph, self.feats = single.model, single.graph, single.feats
+        inputs = engine_lib.ProgramInputs(cfg, ds)
+        self.model, self.graph, self.feats = inputs.model, inputs.graph, inputs.feats
         self.batching = batching
         self.uniform = dict(uniform or {})  # traced keys compiled in as constants (uniform_values)
         if batching == "vmap_columns":
             self.model = self.model.clone(ops=ColumnOps())
-        self.plans, self.eval_arrays = single.plans, single.eval_arrays
+        self.plans, self.eval_arrays = inputs.plans, inputs.eval_arrays
         self.n_devices = self.n_slots = n_devices  # slots: a multiple of the devices
         self.eval_chunk = eval_chunk or auto_eval_chunk(cfg, ds)  # vmap: configs evaluated at once
-        self.optimizer_template = step_lib.make_optimizer(cfg.learning_rate)
+        self.optimizer_template = inputs.optimizer  # its state's structure; the rate is traced per config
         init = self._vinit = jax.vmap(self._init_one)
         epoch, evaluate = self._device_epoch, self._device_eval
         if n_devices == 1:
@@ -219,16 +219,9 @@ class GroupEngine:
             self._init = jax.pmap(init, devices=self.devices)
             self._epoch = jax.pmap(epoch, donate_argnums=(0,), devices=self.devices)
             self._eval = jax.pmap(evaluate, in_axes=(0, 0, 0, 0, None, None, None, None, 0, 0), devices=self.devices)
-            self._graph, self._feats = self._replicate(self.graph), self._replicate(self.feats)
+            self._graph, self._feats = (engine_lib.replicate(self.graph, self.devices, "d"),
+                                        engine_lib.replicate(self.feats, self.devices, "d"))
         self._stream_keys = jax.jit(jax.vmap(step_lib.stream_key, in_axes=(0, None, None)), static_argnums=(1,))
-
-    def _replicate(self, tree):
-        """One copy per device, laid out as pmap's mapped axis."""
-        sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(self.devices), ("d",)),
-                                              jax.sharding.PartitionSpec("d"))
-        d = self.n_devices
-        return jax.tree_util.tree_map(
-            lambda a: jax.device_put(jnp.broadcast_to(a, (d,) + a.shape), sharding), tree)
 
     # -- layout -------------------------------------------------------------------------------
     def put(self, tree):
@@ -263,11 +256,7 @@ class GroupEngine:
         return self.model.clone(**{k: self._value(values, k) for k in ("alpha", "keep_rate", "tau")})
 
     def _init_one(self, seed):
-        key = step_lib.stream_key(seed, step_lib.INIT_STREAM)
-        noise = sample_noise(jax.random.PRNGKey(0), self.model.noise_shapes(), train=False,
-                             keep_rate=self.model.keep_rate)
-        params = self.model.init(key, self.graph, self.feats, noise)
-        return step_lib.TrainState(params, self.optimizer_template.init(params))
+        return step_lib.init_state(self.model, self.optimizer_template, self.graph, self.feats, seed)
 
     def _config_step(self, state, values: TracedValues, graph, feats, batch, key):
         objective = step_lib.single_device_objective(*(self._value(values, k) for k in ("cl_weight", "reg_weight", "tau")))

@@ -177,7 +177,7 @@ class LGMRec(nn.Module):
     cf_model: str = "lightgcn"
     legacy_text_user_hyper: bool = False
     kernel: str = "segment_sum"
-    ops: Any = None  # None: LocalOps(kernel); the multi-device runner passes ShardedOps
+    ops: Any = None  # None: LocalOps(kernel); the pmap and group engines pass theirs
     # Ablations of the paper (all True is LGMRec). Without CGE the fused output omits C and the
     # hypergraph takes the unpropagated item ID embeddings; without GHE there is no hypergraph
     # term and hence no contrastive loss.

@@ -157,11 +157,8 @@ class PmapEngine(engine_lib.SingleEngine):
                         devices=self.devices, donate_argnums=(0,))
 
     def put(self, state):
-        """One replica per device, laid out as pmap expects (leading device axis)."""
-        mesh = jax.sharding.Mesh(np.array(self.local_devices), (AXIS,))
-        sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(AXIS))
-        stack = lambda x: np.broadcast_to(np.asarray(x), (len(self.local_devices),) + np.shape(x))
-        return jax.device_put(jax.tree_util.tree_map(stack, state), sharding)
+        """One replica per device of this process, laid out as pmap expects (leading device axis)."""
+        return engine_lib.replicate(state, self.local_devices, AXIS)
 
     def get(self, state):
         """This process's first replica (every replica is the same)."""

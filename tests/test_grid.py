@@ -95,6 +95,7 @@ def assert_close_runs(rows_a, rows_b, rtol=2e-5):
         assert {k: v for k, v in a.items() if k != "loss"} == {k: v for k, v in b.items() if k != "loss"}
 
 
+@pytest.mark.slow
 def test_seed_grid_is_one_program_equal_to_single_runs(synthetic_dir, tmp_path):
     """The shipped 8-seed grid on synthetic_tiny: one group, and each seed's metrics.jsonl and
     summary.json equal those of a single run with that seed."""
@@ -421,6 +422,7 @@ def test_group_checkpoint_is_written_while_the_next_epoch_trains(plain_dir, tmp_
         assert len(read_jsonl(workdir / "configs" / cid / "metrics.jsonl")) == 3
 
 
+@pytest.mark.slow
 def test_emulated_precision_grid_computes_the_accelerators_products(synthetic_dir, tmp_path):
     """--emulate_precision=tpu trains with a TPU's one-pass bfloat16 products for precision 'default'
     (on a CPU otherwise float32), in a workdir of its own, which a plain grid never resumes."""

@@ -109,6 +109,7 @@ def test_emulation_is_undone_on_exit(operands):
             jax.jit(jnp.matmul)(a, b)
 
 
+@pytest.mark.slow
 def test_goldens_under_emulated_algorithms():
     """One TF32 pass lands far outside the goldens' float32 tolerances; three passes stay inside them
     (the estimate that makes TF32_TF32_F32_X3 a candidate for a faithful GPU default)."""

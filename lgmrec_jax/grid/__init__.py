@@ -3,7 +3,7 @@
   spec      sweep files (``sweep(add)``), their configs (Point), resolved and validated
   sharding  a shard's configs, and same-program groups
   manifest  a grid's workdir: grid.json, another grid refused, --restart
-  training  the one place that calls the training code (lgmrec_jax.multi, run, parallel)
+  training  the one place that calls the training code (lgmrec_jax.group, run, engine)
   runner    run_grid(GridOptions): a shard of a grid, run or resumed
   tables    results.csv and results.md (mean and std over seeds, selection by validation)
   plots     a PNG per swept key (matplotlib, optional)

@@ -1,6 +1,6 @@
 """Runs (or resumes) a shard of a grid: its configs expanded, resolved, grouped and trained.
 
-Configs that differ only in per-config keys train as one program (lgmrec_jax.multi, through
+Configs that differ only in per-config keys train as one program (lgmrec_jax.group_engine, through
 lgmrec_jax.grid.training), the others one after another; ``mode="sequential"`` runs plain single
 runs. Each config gets a single run's workdir under ``configs/<id>/``, and the shard's tables are
 written at the end. Bad data or a refused workdir stops the grid before anything is deleted or
@@ -37,7 +37,7 @@ class GridOptions:
     devices: int = 1  # local devices a group's configs are spread over (0: all)
     max_group: int = 64  # most configs in one program
     mode: str = "group"  # group | sequential
-    batching: str = "map"  # map | vmap | vmap_columns (lgmrec_jax.multi)
+    batching: str = "map"  # map | vmap | vmap_columns (lgmrec_jax.group_engine)
     repack: bool = True
     restart: bool = False
     eval_chunk: Optional[int] = None
