@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import sys
 import time
@@ -175,8 +176,6 @@ class ConfigRun:
 def write_summary(path: str, summary: dict, last_epoch: int) -> None:
     """write_json_atomic with the kill:summary / enospc:summary fault points."""
     if faults.fault("kill", "summary", last_epoch) is not None or faults.fault("enospc", "summary", last_epoch) is not None:
-        import json
-
         with open(f"{path}.tmp", "w") as handle:
             handle.write(json.dumps(summary)[:40])
         faults.kill_at("summary", last_epoch)
