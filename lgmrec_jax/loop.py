@@ -117,11 +117,11 @@ class ConfigRun:
 
     def train_row(self, epoch: int, parts: np.ndarray, finite: bool, train_s: float, kept) -> Optional[dict]:
         """The epoch's row, or None when its loss or parameters are not finite (the config then stops;
-        ``kept``: (what the reason says of the checkpoints, the last good one's epoch))."""
+        ``kept()``: (what the reason says of the checkpoints, the last good one's epoch))."""
         bad = np.flatnonzero(~np.isfinite(parts).all(axis=1))
         if bad.size or not finite:
             where = f"step {int(bad[0])}" if bad.size else "after its last step (parameters)"
-            clause, last = kept
+            clause, last = kept()
             self.progress.status = records.NON_FINITE
             self.progress.non_finite = {
                 "status": records.NON_FINITE, "epoch": epoch, "step": int(bad[0]) if bad.size else None,
@@ -258,7 +258,7 @@ def train(engine, runs: dict, slots: list, states, epoch: int, store, opts: Loop
             parts, finite = faults.inject_nan(parts, finite, epoch)  # no-op unless LGMREC_FAULT asks
             train_s = time.time() - tick
             rows, finished = {}, []
-            kept = store.kept(epoch)
+            kept = lambda: store.kept(epoch)  # asked only of a non-finite config
             for k, cid in enumerate(slots):
                 if active[k]:
                     row = runs[cid].train_row(epoch, parts[k], bool(finite[k]), train_s, kept)

@@ -255,7 +255,7 @@ def test_non_finite_parameters_stop_with_reason(synthetic_dir, tmp_path):
     for step in (2, 3):
         store.checkpoints.save(step, {"w": np.zeros(2, np.float32)}, {}, None)
     run = loop.ConfigRun(loop.Member("run", cfg, str(tmp_path)), ds, loop.ConfigProgress(), time.time())
-    assert run.train_row(4, np.ones((2, 4)), False, 0.1, store.kept(4)) is None
+    assert run.train_row(4, np.ones((2, 4)), False, 0.1, lambda: store.kept(4)) is None
     assert re.fullmatch(r"non-finite loss or parameters in epoch 4, after its last step \(parameters\); the last "
                         r"good checkpoint \(checkpoints/3, after 3 epochs\) is kept", run.progress.non_finite["reason"])
     run.write_summary()
@@ -264,9 +264,9 @@ def test_non_finite_parameters_stop_with_reason(synthetic_dir, tmp_path):
     assert written["last_good_checkpoint_epoch"] == 3 and not run.active(5)
     store.close()
     fresh = loop.ConfigRun(loop.Member("run", cfg, str(tmp_path)), ds, loop.ConfigProgress(), time.time())
-    assert fresh.train_row(0, np.full((2, 4), np.inf), True, 0.1, run_lib.RunStore(cfg, None).kept(0)) is None
+    assert fresh.train_row(0, np.full((2, 4), np.inf), True, 0.1, lambda: run_lib.RunStore(cfg, None).kept(0)) is None
     assert fresh.progress.non_finite["reason"].endswith("step 0; no checkpoint had been saved yet")
-    assert fresh.train_row(0, np.ones((2, 4)), True, 0.1, (None, None))["loss"]["total"] == 2.0
+    assert fresh.train_row(0, np.ones((2, 4)), True, 0.1, None)["loss"]["total"] == 2.0
 
 
 def test_unwritable_workdir_is_refused_before_training(synthetic_dir, cache_env, tmp_path):
